@@ -1,0 +1,175 @@
+"""Per-image header file: a change counter and the cross-process locks.
+
+Design
+------
+Every image directory holds a small ``header`` file. Its first eight bytes are
+a *generation* counter, mapped into memory by every open handle; the file also
+carries three advisory byte-range locks taken with open-file-description (OFD)
+locks, which belong to one open file, so two threads or two processes with
+their own descriptors conflict as expected, and a killed process drops its
+locks with its descriptors:
+
+* ``OWNER`` - the exclusive write lock (librbd's exclusive-lock feature). One
+  handle in the whole node holds it while it writes data; a second writer gets
+  ``ImageBusy``.
+* ``GATE`` and ``BARRIER`` - a readers/writer barrier between head I/O and the
+  operations that change what head I/O means (snapshot create, rollback,
+  resize, flatten). Each I/O takes GATE shared, BARRIER shared, releases GATE,
+  does its work and releases BARRIER. A metadata operation takes GATE
+  exclusive (new I/O stops at the gate) and then BARRIER exclusive (in-flight
+  I/O drains), so it cannot starve behind a steady stream of overlapping I/O.
+
+A metadata operation bumps the generation *before* committing to the catalog
+and while it holds the barrier. An I/O that then finds a new generation
+re-reads the image row, so it never writes with a stale snapshot context, even
+if the operation's process died between the bump and the commit.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from csi_rbd.engine import errors
+
+_HEADER_SIZE = 4096
+_GENERATION = struct.Struct("<Q")
+_GATE, _BARRIER, _OWNER = 64, 65, 66
+_FLOCK = "hhqqi4x"  # struct flock on Linux x86_64/aarch64: type, whence, start, len, pid
+_POLL_START, _POLL_MAX = 0.0002, 0.01
+
+
+def _flock(fd: int, kind: int, offset: int, wait: bool) -> bool:
+    """Set or clear an OFD lock on one byte; False when ``wait`` is off and it is taken."""
+    request = struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0)
+    command = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+    try:
+        fcntl.fcntl(fd, command, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _lock_within(fd: int, kind: int, offset: int, timeout: float, what: str) -> None:
+    """Take a lock, polling until ``timeout`` so that no caller waits forever."""
+    if _flock(fd, kind, offset, wait=False):
+        return
+    deadline = time.monotonic() + timeout
+    delay = _POLL_START
+    while time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, _POLL_MAX)
+        if _flock(fd, kind, offset, wait=False):
+            return
+    raise errors.ImageBusy(f"timed out after {timeout:g}s waiting for {what}")
+
+
+class ImageHeader:
+    """The header file of one image as seen by one open handle."""
+
+    def __init__(self, path: Path, lock_timeout: float = 30.0) -> None:
+        self.path = path
+        self.lock_timeout = lock_timeout
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if os.fstat(fd).st_size < _HEADER_SIZE:
+            os.ftruncate(fd, _HEADER_SIZE)
+        self._map_fd = fd
+        self._map = mmap.mmap(fd, _HEADER_SIZE)
+        self._owner_fd: int | None = None
+        self._local = threading.local()
+        self._thread_fds: list[int] = []
+        self._fds_lock = threading.Lock()
+
+    # -- generation --------------------------------------------------------
+    def generation(self) -> int:
+        return int(_GENERATION.unpack_from(self._map, 0)[0])
+
+    def bump_generation(self) -> None:
+        """Advance the counter; call only inside :meth:`exclusive_section`."""
+        _GENERATION.pack_into(self._map, 0, self.generation() + 1)
+
+    # -- I/O barrier -------------------------------------------------------
+    def _thread_fd(self) -> int:
+        fd: int | None = getattr(self._local, "fd", None)
+        if fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            self._local.fd = fd
+            with self._fds_lock:
+                self._thread_fds.append(fd)
+        return fd
+
+    @contextmanager
+    def io_section(self) -> Iterator[None]:
+        """Hold the barrier shared for one head I/O."""
+        fd = self._thread_fd()
+        _lock_within(fd, fcntl.F_RDLCK, _GATE, self.lock_timeout, "a snapshot or resize")
+        try:
+            _lock_within(fd, fcntl.F_RDLCK, _BARRIER, self.lock_timeout, "a snapshot or resize")
+        finally:
+            _flock(fd, fcntl.F_UNLCK, _GATE, wait=False)
+        try:
+            yield
+        finally:
+            _flock(fd, fcntl.F_UNLCK, _BARRIER, wait=False)
+
+    @contextmanager
+    def exclusive_section(self) -> Iterator[None]:
+        """Hold the barrier exclusively: no head I/O runs on any handle meanwhile."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _lock_within(fd, fcntl.F_WRLCK, _GATE, self.lock_timeout, "another image operation")
+            _lock_within(fd, fcntl.F_WRLCK, _BARRIER, self.lock_timeout, "in-flight I/O")
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor drops both locks
+
+    # -- exclusive write lock ----------------------------------------------
+    def owns_write_lock(self) -> bool:
+        return self._owner_fd is not None
+
+    def try_acquire_write_lock(self) -> bool:
+        if self._owner_fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        if not _flock(fd, fcntl.F_WRLCK, _OWNER, wait=False):
+            os.close(fd)
+            return False
+        self._owner_fd = fd
+        return True
+
+    def release_write_lock(self) -> None:
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+
+    def write_lock_held_elsewhere(self) -> bool:
+        """True when another handle (any process) holds the write lock."""
+        if self._owner_fd is not None:
+            return False
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _OWNER, 1, 0)
+            answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, request)
+            return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.release_write_lock()
+        with self._fds_lock:
+            for fd in self._thread_fds:
+                os.close(fd)
+            self._thread_fds.clear()
+        self._local = threading.local()
+        self._map.close()
+        os.close(self._map_fd)

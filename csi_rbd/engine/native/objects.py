@@ -1,0 +1,260 @@
+"""Versioned data objects of one image.
+
+Design
+------
+An image is striped into objects of ``2**order`` bytes; object ``n`` covers
+image bytes ``[n << order, (n + 1) << order)``. Each object is stored as one
+or more *versions*, files named ``<objno:016x>.<epoch:08x>`` in the image's
+directory. A version is tagged with the epoch (the image's snapshot-context
+``seq``) it was created in and is written in place only while that epoch is
+current, so a version becomes immutable the moment a snapshot moves ``seq``
+on. That is redirect-on-write, the native counterpart of the OSD cloning a
+RADOS object on the first write after a snapshot:
+
+* head reads the newest version with ``epoch <= seq``;
+* snapshot ``S`` reads the newest version with ``epoch < S``;
+* the first write after a snapshot copies the old version into a new one
+  (*copy-up*), fsyncs it, then renames it into place, so a crash never
+  replaces flushed data with a torn copy;
+* a version may be a regular file (bytes past its end read as zeros, holes
+  read as zeros, and an empty file hides a clone's parent), or an *absent*
+  marker, a dangling symlink, meaning "no object here in this epoch": reads
+  fall through to a clone's parent within the overlap, or give zeros.
+
+A version nothing can read any more (not head, no snapshot's) is garbage and
+is unlinked by :meth:`ObjectStore.unlink` callers. Temporary files carry the
+writer's pid so that leftovers of a killed process can be told from work in
+progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_rbd.engine.native import sparse
+
+_ABSENT_TARGET = "absent"
+_TMP_PREFIX = ".tmp."
+
+
+@dataclass(frozen=True)
+class Version:
+    """One stored version of an object."""
+
+    epoch: int
+    absent: bool = False
+
+
+def version_name(objno: int, epoch: int) -> str:
+    return f"{objno:016x}.{epoch:08x}"
+
+
+def parse_version_name(name: str) -> tuple[int, int] | None:
+    objno, dot, epoch = name.partition(".")
+    if not dot or len(objno) != 16 or len(epoch) != 8:
+        return None
+    try:
+        return int(objno, 16), int(epoch, 16)
+    except ValueError:
+        return None
+
+
+class ObjectStore:
+    """The object versions in one image directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, objno: int, epoch: int) -> str:
+        return os.path.join(self.directory, version_name(objno, epoch))
+
+    def ensure_directory(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+
+    # -- lookup ---------------------------------------------------------------
+    def probe(self, objno: int, epochs: Iterable[int]) -> Version | None:
+        """The first existing version among ``epochs`` (give them newest first)."""
+        for epoch in epochs:
+            try:
+                mode = os.lstat(self.path(objno, epoch)).st_mode
+            except FileNotFoundError:
+                continue
+            return Version(epoch, absent=stat.S_ISLNK(mode))
+        return None
+
+    def scan(self) -> dict[int, list[Version]]:
+        """Every version on disk, per object, oldest first."""
+        found: dict[int, list[Version]] = {}
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            parsed = parse_version_name(entry.name)
+            if parsed is None:
+                continue
+            objno, epoch = parsed
+            found.setdefault(objno, []).append(Version(epoch, entry.is_symlink()))
+        for versions in found.values():
+            versions.sort(key=lambda v: v.epoch)
+        return found
+
+    # -- reading --------------------------------------------------------------
+    def read(self, objno: int, epoch: int, offset: int, length: int) -> bytes:
+        """Bytes of a regular version; past its end reads zeros."""
+        fd = os.open(self.path(objno, epoch), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def data_segments(self, objno: int, epoch: int) -> list[tuple[int, int]]:
+        fd = os.open(self.path(objno, epoch), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return sparse.data_segments(fd)
+        finally:
+            os.close(fd)
+
+    def allocated_bytes(self, objno: int, epoch: int) -> int:
+        try:
+            st = os.lstat(self.path(objno, epoch))
+        except FileNotFoundError:
+            return 0
+        return 0 if stat.S_ISLNK(st.st_mode) else st.st_blocks * 512
+
+    # -- writing a current version in place -----------------------------------
+    def write(self, objno: int, epoch: int, offset: int, data: bytes | memoryview) -> None:
+        fd = os.open(self.path(objno, epoch), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            done = 0
+            view = memoryview(data)
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        finally:
+            os.close(fd)
+
+    def punch(self, objno: int, epoch: int, offset: int, length: int) -> None:
+        fd = os.open(self.path(objno, epoch), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            sparse.punch_hole(fd, offset, length)
+        finally:
+            os.close(fd)
+
+    # -- creating versions (atomic: temp file, fsync, rename) -----------------
+    def _temp(self) -> str:
+        return os.path.join(self.directory, f"{_TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}")
+
+    def _install(self, temp: str, objno: int, epoch: int) -> None:
+        os.rename(temp, self.path(objno, epoch))
+
+    def create_copy(self, objno: int, epoch: int, source_epoch: int, limit: int | None) -> None:
+        """A new version with the data of another regular version, cut at ``limit``."""
+        temp = self._temp()
+        src = os.open(self.path(objno, source_epoch), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            dst = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                sparse.copy_sparse(src, dst, limit)
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        self._install(temp, objno, epoch)
+
+    def create_from(self, objno: int, epoch: int, chunks: Iterable[tuple[int, bytes]]) -> None:
+        """A new version holding ``chunks`` of (offset, bytes); zero runs stay holes."""
+        temp = self.prepare_from(chunks)
+        self._install(temp, objno, epoch)
+
+    def prepare_from(self, chunks: Iterable[tuple[int, bytes]]) -> str:
+        """A durable temp file with ``chunks``, to :meth:`install_prepared` later."""
+        temp = self._temp()
+        dst = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            for offset, data in chunks:
+                sparse.write_sparse(dst, offset, data)
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+        return temp
+
+    def install_prepared(self, temp: str, objno: int, epoch: int) -> None:
+        self._install(temp, objno, epoch)
+
+    def discard_prepared(self, temp: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+    def create_empty(self, objno: int, epoch: int) -> None:
+        """A new, empty regular version: all zeros, hides a parent."""
+        temp = self._temp()
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        self._install(temp, objno, epoch)
+
+    def mark_absent(self, objno: int, epoch: int) -> None:
+        temp = self._temp()
+        os.symlink(_ABSENT_TARGET, temp)
+        self._install(temp, objno, epoch)
+
+    def unlink(self, objno: int, epoch: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(objno, epoch))
+
+    # -- durability and housekeeping ------------------------------------------
+    def fsync_version(self, objno: int, epoch: int) -> None:
+        try:
+            fd = os.open(self.path(objno, epoch), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # replaced by a newer version, which was fsynced when made
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fsync_directory(self) -> None:
+        try:
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove_stale_temps(self) -> None:
+        """Delete temp files whose writing process is gone."""
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if not entry.name.startswith(_TMP_PREFIX):
+                continue
+            pid = int(entry.name[len(_TMP_PREFIX) :].split(".", 1)[0] or 0)
+            if pid != os.getpid() and not _alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+    def remove_all(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
