@@ -14,6 +14,8 @@ what librbd keeps in an image header object:
 * ``epochs``: every value ``seq`` ever took for an image. Object versions are
   tagged with the epoch they were written in, so these are the only tags a
   lookup has to probe.
+  An image moved to the trash keeps its row under the name ``trash/<id>``
+  (no user name has a '/') with its old name in ``trashed_name``.
 * ``snapshots``: id, name, size and the parent spec at snapshot time. A
   snapshot removed while clones still use it is *trashed* (clone v2): hidden
   from listings, kept until its last child goes.
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS images (
     parent_image TEXT,
     parent_snap INTEGER,
     overlap INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    trashed_name TEXT
 );
 CREATE TABLE IF NOT EXISTS epochs (
     image_id TEXT NOT NULL,
@@ -112,6 +115,11 @@ class ImageRecord:
     parent: ParentSpec | None
     overlap: int
     created: float
+    trashed_name: str | None = None
+
+    @property
+    def trashed(self) -> bool:
+        return self.trashed_name is not None
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,7 @@ def image_from_row(row: sqlite3.Row) -> ImageRecord:
         parent=_parent(row),
         overlap=row["overlap"],
         created=row["created"],
+        trashed_name=row["trashed_name"],
     )
 
 
@@ -160,6 +169,18 @@ def snapshot_from_row(row: sqlite3.Row) -> SnapshotRecord:
         overlap=row["overlap"],
         created=row["created"],
     )
+
+
+# Columns added after a table first shipped: (table, column, declaration).
+_ADDED_COLUMNS = (("images", "trashed_name", "TEXT"),)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a catalog made by an older version up to the current schema."""
+    for table, column, declaration in _ADDED_COLUMNS:
+        present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 class Catalog:
@@ -179,6 +200,7 @@ class Catalog:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            _migrate(db)
 
     def close(self) -> None:
         with self._lock:
@@ -233,8 +255,17 @@ class Catalog:
 
     def image_names(self) -> list[str]:
         with self._lock:
-            rows = self._db.execute("SELECT name FROM images ORDER BY name").fetchall()
+            rows = self._db.execute(
+                "SELECT name FROM images WHERE trashed_name IS NULL ORDER BY name"
+            ).fetchall()
         return [r["name"] for r in rows]
+
+    def trashed_images(self) -> list[ImageRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM images WHERE trashed_name IS NOT NULL ORDER BY id"
+            ).fetchall()
+        return [image_from_row(r) for r in rows]
 
     def image_ids(self) -> set[str]:
         with self._lock:

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 RBD_LOCK_MODE_EXCLUSIVE = 0
 RBD_LOCK_MODE_SHARED = 1
+RBD_SNAP_NAMESPACE_TYPE_USER = 0
 _COPY_CHUNK = 1 << 20
 
 DiffCallback = Callable[[int, int, bool], Any]
@@ -372,12 +374,27 @@ class Image:
                     f"write of {len(buffer)} bytes at {offset} runs past the end of the "
                     f"{view.size}-byte image"
                 )
-            seq = self._record.seq
             for objno, in_object, at, count in self._extents(view, offset, len(buffer)):
-                self._make_writable(view, objno)
-                self._store.write(objno, seq, in_object, buffer[at - offset : at - offset + count])
-                self._note_dirty(objno, seq)
+                self._write_piece(view, objno, in_object, buffer[at - offset : at - offset + count])
         return len(buffer)
+
+    def _write_piece(self, view: _View, objno: int, in_object: int, data: memoryview) -> None:
+        self._change_object(view, objno, lambda seq: self._store.write(objno, seq, in_object, data))
+
+    def _change_object(self, view: _View, objno: int, change: Callable[[int], None]) -> None:
+        """Apply ``change(epoch)`` to head's writable version of ``objno`` (copied up first)."""
+        for _ in range(8):
+            self._make_writable(view, objno)
+            seq = self._record.seq
+            try:
+                change(seq)
+            except FileNotFoundError:
+                # a discard on another thread removed the version between the two steps
+                self._cache.pop(objno, None)
+                continue
+            self._note_dirty(objno, seq)
+            return
+        raise errors.IOError(f"object {objno} keeps vanishing under a write")
 
     def discard(self, offset: int, length: int) -> int:
         """Deallocate a range; it reads back as zeros (a clone's parent stays hidden)."""
@@ -477,9 +494,9 @@ class Image:
         version = self._lookup(view, objno)
         if (version is None or version.absent) and not view.reads_parent(at):
             return
-        self._make_writable(view, objno)
-        self._store.punch(objno, self._record.seq, in_object, count)
-        self._note_dirty(objno, self._record.seq)
+        self._change_object(
+            view, objno, lambda seq: self._store.punch(objno, seq, in_object, count)
+        )
 
     # -- resize, rollback: all-or-nothing through a pending epoch --------------------
     def resize(self, size: int, allow_shrink: bool = True) -> None:
@@ -626,13 +643,25 @@ class Image:
                 "id": snap.id,
                 "size": snap.size,
                 "name": snap.name,
-                "protected": snap.protected,
-                "timestamp": snap.created,
+                "namespace": RBD_SNAP_NAMESPACE_TYPE_USER,
             }
+
+    def get_snap_timestamp(self, snap_id: int) -> datetime:
+        self._require_open()
+        return datetime.fromtimestamp(
+            self._ioctx.catalog.snapshot_by_id(self._record.id, snap_id).created
+        )
+
+    def create_timestamp(self) -> datetime:
+        return datetime.fromtimestamp(self._record.created)
 
     def _set_protected(self, name: str, protected: bool) -> None:
         self._require_writable()
         snap = self._snapshot(name)
+        if protected and snap.protected:
+            raise errors.ImageBusy(f"snapshot {name} is already protected")
+        if not protected and not snap.protected:
+            raise errors.InvalidArgument(f"snapshot {name} is not protected")
         if not protected and layering.live_children(self._ioctx, self._record.id, snap.id):
             raise errors.ImageBusy(f"snapshot {name} has clones; flatten or remove them first")
         with self._ioctx.catalog.transaction() as db:

@@ -17,11 +17,15 @@ when its last child stops referring to it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from csi_rbd.engine import errors
 from csi_rbd.engine.native import gc
-from csi_rbd.engine.native.catalog import ParentSpec
+from csi_rbd.engine.native.catalog import ImageRecord, ParentSpec
+from csi_rbd.engine.native.header import ImageHeader
+from csi_rbd.engine.native.objects import ObjectStore
 
 if TYPE_CHECKING:
     from csi_rbd.engine.native.rados import IoCtx, Rados
@@ -96,3 +100,51 @@ def purge_trashed_snapshot(ioctx: IoCtx, image_id: str, snap_id: int) -> None:
     gc.collect_garbage(ioctx, image_id)
     if snap.parent is not None:
         release_parent(ioctx, image_id, snap.parent)
+    purge_trashed_image(ioctx, image_id)
+
+
+def purge_trashed_image(ioctx: IoCtx, image_id: str) -> bool:
+    """Remove a trashed image whose snapshots no clone needs; True if it is gone."""
+    try:
+        record = ioctx.catalog.image_by_id(image_id)
+    except errors.ImageNotFound:
+        return True
+    if not record.trashed:
+        return False
+    snaps = ioctx.catalog.snapshots(image_id, include_trashed=True)
+    if any(live_children(ioctx, image_id, s.id) for s in snaps):
+        return False
+    remove_image(ioctx, record)
+    return True
+
+
+@contextmanager
+def write_locked(ioctx: IoCtx, record: ImageRecord) -> Iterator[None]:
+    """Hold the image's write lock for a block; ImageBusy if a writer has it."""
+    store = ObjectStore(ioctx.image_directory(record.id))
+    store.ensure_directory()
+    header = ImageHeader(store.directory / "header", ioctx.rados.lock_timeout)
+    try:
+        if not header.try_acquire_write_lock():
+            raise errors.ImageBusy(f"image {record.name} is open for writing elsewhere")
+        yield
+    finally:
+        header.close()
+
+
+def remove_image(ioctx: IoCtx, record: ImageRecord) -> None:
+    """Delete an image's rows and objects, then let go of its parents."""
+    snaps = ioctx.catalog.snapshots(record.id, include_trashed=True)
+    with write_locked(ioctx, record), ioctx.catalog.transaction() as db:
+        for table, column in (
+            ("images", "id"),
+            ("epochs", "image_id"),
+            ("snapshots", "image_id"),
+            ("metadata", "image_id"),
+            ("children", "parent_image"),
+        ):
+            db.execute(f"DELETE FROM {table} WHERE {column} = ?", (record.id,))
+    ObjectStore(ioctx.image_directory(record.id)).remove_all()
+    for parent in {record.parent, *(s.parent for s in snaps)} - {None}:
+        assert parent is not None
+        release_parent(ioctx, record.id, parent)

@@ -134,7 +134,8 @@ class ObjectStore:
 
     # -- writing a current version in place -----------------------------------
     def write(self, objno: int, epoch: int, offset: int, data: bytes | memoryview) -> None:
-        fd = os.open(self.path(objno, epoch), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Write into an existing version; FileNotFoundError if it was discarded meanwhile."""
+        fd = os.open(self.path(objno, epoch), os.O_WRONLY | os.O_CLOEXEC)
         try:
             done = 0
             view = memoryview(data)

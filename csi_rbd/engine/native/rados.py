@@ -3,13 +3,14 @@
 A data directory is the native engine's "cluster": one folder per pool, each
 with its catalog and one folder per image::
 
-    <data_dir>/fsid                      the cluster's identity (a UUID)
+    <data_dir>/.fsid                     the cluster's identity (a UUID)
     <data_dir>/<pool>/catalog.db         images, snapshots, links, omap
     <data_dir>/<pool>/images/<image-id>/ header + object versions
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -23,6 +24,7 @@ from csi_rbd.engine.native.catalog import Catalog
 
 DEFAULT_POOL = "rbd"
 _CATALOG = "catalog.db"
+_FSID = ".fsid"  # pool names cannot start with a dot
 
 
 class Rados:
@@ -38,15 +40,17 @@ class Rados:
 
     def connect(self, timeout: int = 0) -> None:
         """Open the data directory; a new one gets the pool ``rbd``, as Ceph's default."""
-        fresh = not self.data_dir.exists() or not any(self.data_dir.iterdir())
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.data_dir))
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        fsid = self.data_dir / "fsid"
-        if not fsid.exists():
+        fsid = self.data_dir / _FSID
+        fresh = not fsid.exists()
+        if fresh:
             temp = fsid.with_suffix(f".tmp{os.getpid()}")
             temp.write_text(str(uuid.uuid4()) + "\n")
             os.replace(temp, fsid)
         self.state = "connected"
-        if fresh:
+        if fresh and not self.pool_exists(DEFAULT_POOL):
             self.create_pool(DEFAULT_POOL)
 
     def shutdown(self) -> None:
@@ -71,7 +75,7 @@ class Rados:
 
     def get_fsid(self) -> str:
         self._require_connected()
-        return (self.data_dir / "fsid").read_text().strip()
+        return (self.data_dir / _FSID).read_text().strip()
 
     # -- pools ------------------------------------------------------------------
     def pool_directory(self, pool: str) -> Path:
@@ -83,11 +87,11 @@ class Rados:
 
     def pool_exists(self, pool: str) -> bool:
         self._require_connected()
-        return (self.pool_directory(validate.name(pool, "pool")) / _CATALOG).is_file()
+        return (self.pool_directory(validate.pool_name(pool)) / _CATALOG).is_file()
 
     def create_pool(self, pool: str) -> None:
         self._require_connected()
-        directory = self.pool_directory(validate.name(pool, "pool"))
+        directory = self.pool_directory(validate.pool_name(pool))
         if (directory / _CATALOG).is_file():
             raise errors.ObjectExists(f"pool {pool} already exists")
         (directory / "images").mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import sqlite3
 import time
@@ -10,8 +11,6 @@ from typing import Any
 from csi_rbd.engine import errors
 from csi_rbd.engine.native import layering, validate
 from csi_rbd.engine.native.catalog import ParentSpec
-from csi_rbd.engine.native.header import ImageHeader
-from csi_rbd.engine.native.objects import ObjectStore
 from csi_rbd.engine.native.rados import IoCtx
 
 _INSERT_IMAGE = (
@@ -104,28 +103,31 @@ class RBD:
         if any(not s.trashed for s in snaps):
             raise errors.ImageHasSnapshots(f"image {name} has snapshots; remove them first")
         if any(layering.live_children(ioctx, record.id, s.id) for s in snaps):
-            raise errors.ImageBusy(f"image {name} has clones; flatten or remove them first")
-        store = ObjectStore(ioctx.image_directory(record.id))
-        store.ensure_directory()
-        header = ImageHeader(store.directory / "header", ioctx.rados.lock_timeout)
-        try:
-            if not header.try_acquire_write_lock():
-                raise errors.ImageBusy(f"image {name} is open for writing elsewhere")
-            with ioctx.catalog.transaction() as db:
-                for table, column in (
-                    ("images", "id"),
-                    ("epochs", "image_id"),
-                    ("snapshots", "image_id"),
-                    ("metadata", "image_id"),
-                    ("children", "parent_image"),
-                ):
-                    db.execute(f"DELETE FROM {table} WHERE {column} = ?", (record.id,))
-        finally:
-            header.close()
-        store.remove_all()
-        for parent in {record.parent, *(s.parent for s in snaps)} - {None}:
-            assert parent is not None
-            layering.release_parent(ioctx, record.id, parent)
+            raise errors.ImageBusy(
+                f"image {name} has clones; flatten or remove them first, or move it to the trash"
+            )
+        layering.remove_image(ioctx, record)
+
+    def trash_move(self, ioctx: IoCtx, name: str, delay: int = 0) -> None:
+        """Hide an image under the trash; it is removed once its last clone goes."""
+        record = ioctx.catalog.image_by_name(validate.name(name, "image"))
+        with layering.write_locked(ioctx, record), ioctx.catalog.transaction() as db:
+            db.execute(
+                "UPDATE images SET name = ?, trashed_name = ? WHERE id = ?",
+                (f"trash/{record.id}", record.name, record.id),
+            )
+        layering.purge_trashed_image(ioctx, record.id)
+
+    def trash_list(self, ioctx: IoCtx) -> builtins.list[dict[str, Any]]:
+        return [{"id": r.id, "name": r.trashed_name} for r in ioctx.catalog.trashed_images()]
+
+    def trash_remove(self, ioctx: IoCtx, image_id: str, force: bool = False) -> None:
+        """Remove a trashed image now; ImageBusy while clones still need it."""
+        record = ioctx.catalog.image_by_id(image_id)
+        if not record.trashed:
+            raise errors.InvalidArgument(f"image {record.name} is not in the trash")
+        if not layering.purge_trashed_image(ioctx, image_id):
+            raise errors.ImageBusy(f"image {record.trashed_name} still has clones")
 
     def clone(
         self,

@@ -55,6 +55,14 @@ def name(value: object, what: str) -> str:
     return value
 
 
+def pool_name(value: object) -> str:
+    """A pool name: as any name, and not starting with a dot (the data dir's own files)."""
+    text = name(value, "pool")
+    if text.startswith("."):
+        raise errors.InvalidArgument(f"pool name {text!r} must not start with '.'")
+    return text
+
+
 def size(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise errors.InvalidArgument(f"size must be an integer, not {type(value).__name__}")
@@ -82,7 +90,23 @@ def features(value: object) -> int:
     if unsupported:
         names = [n for n, bit in FEATURE_NAMES.items() if bit & unsupported] or [hex(unsupported)]
         raise errors.InvalidArgument(f"features not supported: {', '.join(names)}")
+    for feature, needs in _FEATURE_NEEDS:
+        if value & feature and not value & needs:
+            raise errors.InvalidArgument(
+                f"feature {_feature_name(feature)} needs {_feature_name(needs)}"
+            )
     return value
+
+
+# librbd's dependencies between features: (feature, what it needs)
+_FEATURE_NEEDS = (
+    (RBD_FEATURE_OBJECT_MAP, RBD_FEATURE_EXCLUSIVE_LOCK),
+    (RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP),
+)
+
+
+def _feature_name(bit: int) -> str:
+    return next(n for n, b in FEATURE_NAMES.items() if b == bit)
 
 
 def io_range(offset: object, length: object) -> tuple[int, int]:
