@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from csi_rbd import __version__
+from csi_rbd import __version__, serve
 from csi_rbd.admin import clones, diffs, images, pools, snaps, transfer
 from csi_rbd.admin.command import add_output_options
 from csi_rbd.admin.context import DATA_DIR_ENV, DEFAULT_DATA_DIR, Context
@@ -51,7 +51,7 @@ GROUPS: list[tuple[str, str, tuple[Registrar, ...]]] = [
 ]
 
 # `csi-rbd COMMAND ...`: top-level commands (the place for `serve`).
-COMMANDS: list[Registrar] = []
+COMMANDS: list[Registrar] = [serve.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""The gRPC layer: validate, lock, call the control plane or node data path, answer."""
