@@ -200,14 +200,17 @@ class VolumeService:
             created = False
             try:
                 if not images.image_exists(engine, ioctx, rid.volume_image()):
-                    self._make_image(engine, cluster, ioctx, rid, params, request)
                     created = True
+                    self._make_image(engine, cluster, ioctx, rid, params, request)
+                self._drop_clone_temporary(engine, cluster, rid, request)
                 self._settle(engine, cluster, ioctx, rid, params)
                 return self._volume(engine, rid, ioctx, reservation)
             except BaseException:
                 if created or fresh:
                     with contextlib.suppress(Exception):
                         engine.rbd.remove(ioctx, rid.volume_image())
+                    with contextlib.suppress(Exception):
+                        self._drop_clone_temporary(engine, cluster, rid, request)
                     with contextlib.suppress(Exception):
                         journal.release(reservation)
                 raise
@@ -310,19 +313,34 @@ class VolumeService:
         with engine.open_image(source_ioctx, source_image) as image:
             if temporary not in [s["name"] for s in image.list_snaps()]:
                 image.create_snap(temporary)
-            try:
-                engine.rbd.clone(
-                    source_ioctx,
-                    source_image,
-                    temporary,
-                    ioctx,
-                    rid.volume_image(),
-                    features=params.features,
-                    order=params.order,
-                )
-            finally:
-                image.remove_snap(temporary)  # trashed while the clone needs it
+        engine.rbd.clone(
+            source_ioctx,
+            source_image,
+            temporary,
+            ioctx,
+            rid.volume_image(),
+            features=params.features,
+            order=params.order,
+        )
         self._grow(engine, ioctx, rid.volume_image(), size)
+
+    def _drop_clone_temporary(
+        self, engine: Engine, cluster: Any, rid: ResourceId, request: CreateVolumeRequest
+    ) -> None:
+        """Remove the source's temporary snapshot (trashed while the clone reads it)."""
+        if not request.source_volume:
+            return
+        source = images.decode(request.source_volume, "volume")
+        source_ioctx = cluster.open_ioctx(source.pool)
+        try:
+            with engine.open_image(source_ioctx, source.volume_image()) as image:
+                temporary = f"csi-clone-{rid.uuid}"
+                if temporary in [s["name"] for s in image.list_snaps()]:
+                    image.remove_snap(temporary)
+        except errors.ImageNotFound:
+            return
+        finally:
+            source_ioctx.close()
 
     @staticmethod
     def _grow(engine: Engine, ioctx: Any, name: str, size: int) -> None:

@@ -274,13 +274,17 @@ INVALID: list[tuple[str, Callable[[Any], Any], Code]] = [
 ]
 
 
-@pytest.mark.parametrize(("call", "code"), [(c, k) for _, c, k in INVALID], ids=[i[0] for i in INVALID])
+@pytest.mark.parametrize(
+    ("call", "code"), [(c, k) for _, c, k in INVALID], ids=[i[0] for i in INVALID]
+)
 def test_invalid_requests(grpc_stub: Any, call: Callable[[Any], Any], code: Code) -> None:
     expect_code(lambda: call(grpc_stub), code)
 
 
 def test_unknown_parameter_is_named(grpc_stub: Any) -> None:
-    message = expect_code(lambda: create(grpc_stub, parameters={"colour": "blue"}), Code.INVALID_ARGUMENT)
+    message = expect_code(
+        lambda: create(grpc_stub, parameters={"colour": "blue"}), Code.INVALID_ARGUMENT
+    )
     assert "colour" in message
 
 
@@ -481,7 +485,9 @@ def test_list_snapshots_filters_and_pages(grpc_stub: Any) -> None:
     token = ""
     while True:
         page = grpc_stub.ListSnapshots(
-            csi.ListSnapshotsRequest(source_volume_id=volume.volume_id, max_entries=2, starting_token=token)
+            csi.ListSnapshotsRequest(
+                source_volume_id=volume.volume_id, max_entries=2, starting_token=token
+            )
         )
         assert len(page.entries) <= 2
         seen += [e.snapshot.snapshot_id for e in page.entries]
@@ -535,8 +541,12 @@ def test_validate_volume_capabilities(grpc_stub: Any) -> None:
     assert not refused.HasField("confirmed") and "MULTI_NODE_MULTI_WRITER" in refused.message
 
 
-@pytest.mark.parametrize(("capability", "node_needed"), [(mount_capability(), True), (block_capability(), False)])
-def test_expand(grpc_stub: Any, engines: dict[str, Any], capability: Any, node_needed: bool) -> None:
+@pytest.mark.parametrize(
+    ("capability", "node_needed"), [(mount_capability(), True), (block_capability(), False)]
+)
+def test_expand(
+    grpc_stub: Any, engines: dict[str, Any], capability: Any, node_needed: bool
+) -> None:
     volume = create(grpc_stub, size=4 * MiB, volume_capabilities=[capability])
     write(engines, volume.volume_id, b"data", 4 * MiB - 4)
     answer = grpc_stub.ControllerExpandVolume(
@@ -584,4 +594,9 @@ def test_capabilities_declared(grpc_stub: Any) -> None:
     caps = grpc_stub.ControllerGetCapabilities(csi.ControllerGetCapabilitiesRequest()).capabilities
     kinds = {c.rpc.type for c in caps}
     rpc = csi.ControllerServiceCapability.RPC.Type
-    assert {rpc.CREATE_DELETE_VOLUME, rpc.CREATE_DELETE_SNAPSHOT, rpc.EXPAND_VOLUME, rpc.MODIFY_VOLUME} <= kinds
+    assert {
+        rpc.CREATE_DELETE_VOLUME,
+        rpc.CREATE_DELETE_SNAPSHOT,
+        rpc.EXPAND_VOLUME,
+        rpc.MODIFY_VOLUME,
+    } <= kinds
