@@ -290,6 +290,22 @@ class Catalog:
             rows = (db or self._db).execute(query + " ORDER BY id", (image_id,)).fetchall()
         return [snapshot_from_row(r) for r in rows]
 
+    def snapshot_ids(self, image_id: str) -> tuple[int, ...]:
+        """Ids of every snapshot of an image, trashed ones included, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM snapshots WHERE image_id = ? ORDER BY id", (image_id,)
+            ).fetchall()
+        return tuple(r["id"] for r in rows)
+
+    def snapshot_exists(self, image_id: str, name: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM snapshots WHERE image_id = ? AND name = ? AND trashed = 0",
+                (image_id, name),
+            ).fetchone()
+        return row is not None
+
     def snapshot_by_name(self, image_id: str, name: str) -> SnapshotRecord:
         with self._lock:
             row = self._db.execute(

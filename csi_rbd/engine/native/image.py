@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from csi_rbd.engine import errors
+from csi_rbd.engine.native import flatten as flattening
 from csi_rbd.engine.native import gc, layering, validate
 from csi_rbd.engine.native.catalog import ImageRecord, ParentSpec, SnapshotRecord
 from csi_rbd.engine.native.header import ImageHeader
@@ -67,6 +68,12 @@ class _View:
 
     def reads_parent(self, image_offset: int) -> bool:
         return self.parent is not None and image_offset < self.overlap
+
+    def parent_span(self, offset: int, length: int) -> tuple[ParentSpec | None, int]:
+        """The parent and how many bytes of [offset, offset + length) read through to it."""
+        if not self.reads_parent(offset):
+            return None, 0
+        return self.parent, min(length, self.overlap - offset)
 
 
 class Image:
@@ -153,7 +160,7 @@ class Image:
             )
         else:
             record = self._record = catalog.image_by_id(self._record.id)
-            self._snap_ids = tuple(s.id for s in catalog.snapshots(record.id, include_trashed=True))
+            self._snap_ids = catalog.snapshot_ids(record.id)
             view = _View(
                 record.size,
                 record.order,
@@ -305,9 +312,15 @@ class Image:
 
     @staticmethod
     def _clip(view: _View, offset: int, length: int) -> tuple[int, int]:
+        # librbd's clip_io: an empty request is always valid; a non-empty one may
+        # not start at or past the end, and is cut short at the end.
         offset, length = validate.io_range(offset, length)
-        if offset > view.size:
-            raise errors.InvalidArgument(f"offset {offset} is past the end of the image")
+        if length == 0:
+            return offset, 0
+        if offset >= view.size:
+            raise errors.InvalidArgument(
+                f"offset {offset} is at or past the end of the {view.size}-byte image"
+            )
         return offset, min(length, view.size - offset)
 
     def _lookup(self, view: _View, objno: int) -> Version | None:
@@ -323,8 +336,10 @@ class Image:
 
     def _parent_image(self, view: _View) -> Image:
         """The parent snapshot ``view`` reads through to, opened once per handle."""
-        spec = view.parent
-        assert spec is not None
+        assert view.parent is not None
+        return self._parent_by_spec(view.parent)
+
+    def _parent_by_spec(self, spec: ParentSpec) -> Image:
         with self._state_lock:
             parent = self._parents.get(spec)
             if parent is None:
@@ -584,8 +599,7 @@ class Image:
         self._require_writable()
         validate.name(name, "snapshot")
         with self._exclusive() as record:
-            names = {s.name for s in self._ioctx.catalog.snapshots(record.id)}
-            if name in names:
+            if self._ioctx.catalog.snapshot_exists(record.id, name):
                 raise errors.ImageExists(f"snapshot {name} already exists")
             self._header.bump_generation()
             snap_id = record.seq + 1
@@ -710,23 +724,26 @@ class Image:
         return sorted(set(found))
 
     def flatten(self, on_progress: ProgressCallback | None = None) -> None:
-        """Copy up every object the clone still reads from its parent, then detach it.
+        """Copy up everything the clone reads from its parent, then detach it.
 
-        Objects are copied one at a time outside the barrier and installed
-        inside it, so the image stays readable and writable throughout.
+        With deep-flatten (a default feature) its snapshots are detached too.
+        Objects are handled one at a time, each inside the barrier, so the
+        image stays readable and writable throughout (see :mod:`.flatten`).
         """
         self._require_writable()
         with self._io() as view:
-            if view.parent is None:
+            deep = bool(self._record.features & validate.RBD_FEATURE_DEEP_FLATTEN)
+            snaps = self._ioctx.catalog.snapshots(self._record.id, include_trashed=True)
+            detached = [s for s in snaps if deep and s.parent is not None]
+            if view.parent is None and not detached:
                 raise errors.InvalidArgument(f"image {self._record.name} is not a clone")
-        total = -(-view.overlap // view.object_size)
+        overlap = max([view.overlap] + [s.overlap for s in detached])
+        total = -(-overlap // view.object_size)
         for objno in range(total):
-            self._flatten_object(objno)
+            self._flatten_object(objno, deep)
             if on_progress is not None:
                 on_progress(objno + 1, total)
         with self._exclusive() as record:
-            if record.parent is None:
-                return
             self._header.bump_generation()
             with self._ioctx.catalog.transaction() as db:
                 db.execute(
@@ -734,29 +751,44 @@ class Image:
                     "parent_snap = NULL, overlap = 0 WHERE id = ?",
                     (record.id,),
                 )
-        layering.release_parent(self._ioctx, record.id, record.parent)
+                if deep:
+                    db.execute(
+                        "UPDATE snapshots SET parent_pool = NULL, parent_image = NULL, "
+                        "parent_snap = NULL, overlap = 0 WHERE image_id = ?",
+                        (record.id,),
+                    )
+        for parent in {record.parent, *(s.parent for s in detached)} - {None}:
+            assert parent is not None
+            layering.release_parent(self._ioctx, record.id, parent)
 
-    def _flatten_object(self, objno: int) -> None:
-        with self._io() as view:
-            if not view.reads_parent(objno << view.order):
+    def _flatten_object(self, objno: int, deep: bool) -> None:
+        with self._exclusive() as record:
+            views = [flattening.ViewSpec(record.seq + 1, record.parent, record.overlap)]
+            if deep:
+                views += [
+                    flattening.ViewSpec(s.id, s.parent, s.overlap)
+                    for s in self._ioctx.catalog.snapshots(record.id, include_trashed=True)
+                ]
+            epochs = self._ioctx.catalog.epochs(record.id)
+            start = objno << record.order
+            placements = flattening.plan_object(
+                start,
+                1 << record.order,
+                views,
+                self._store.versions(objno, sorted(epochs)),
+                epochs,
+            )
+            if not placements:
                 return
-            version = self._store.probe(objno, view.epochs)
-            if version is not None and not version.absent:
-                return
-            temp = self._store.prepare_from(self._parent_chunks(view, objno))
-        try:
-            with self._exclusive() as record:
-                fresh = self._view
-                version = self._store.probe(objno, fresh.epochs)
-                if (version is None or version.absent) and fresh.reads_parent(objno << fresh.order):
-                    if fresh.overlap != view.overlap or fresh.parent != view.parent:
-                        self._store.discard_prepared(temp)
-                        temp = self._store.prepare_from(self._parent_chunks(fresh, objno))
-                    self._header.bump_generation()
-                    self._store.install_prepared(temp, objno, record.seq)
-                    self._store.fsync_directory()
-        finally:
-            self._store.discard_prepared(temp)
+            self._header.bump_generation()
+            for placement in placements:
+                parent = self._parent_by_spec(placement.parent)
+                chunks = (
+                    (at - start, parent.read(at, min(_COPY_CHUNK, start + placement.length - at)))
+                    for at in range(start, start + placement.length, _COPY_CHUNK)
+                )
+                self._store.create_from(objno, placement.epoch, chunks)
+            self._store.fsync_directory()
 
     # -- diff -------------------------------------------------------------------------
     def _data_in(
@@ -822,7 +854,10 @@ class Image:
                 before = None
                 if since is not None:
                     before = gc.newest(versions, lambda e: e in since.epochs)
-                    if now == before and (now is not None or since.parent == view.parent):
+                    if now == before and (
+                        now is not None
+                        or since.parent_span(at, count) == view.parent_span(at, count)
+                    ):
                         continue
                 new = self._data_in(view, objno, now, at, count, include_parent)
                 old = (

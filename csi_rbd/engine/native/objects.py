@@ -89,6 +89,17 @@ class ObjectStore:
             return Version(epoch, absent=stat.S_ISLNK(mode))
         return None
 
+    def versions(self, objno: int, epochs: Iterable[int]) -> list[Version]:
+        """Every existing version of one object among ``epochs``, oldest first."""
+        found = []
+        for epoch in sorted(epochs):
+            try:
+                mode = os.lstat(self.path(objno, epoch)).st_mode
+            except FileNotFoundError:
+                continue
+            found.append(Version(epoch, absent=stat.S_ISLNK(mode)))
+        return found
+
     def scan(self) -> dict[int, list[Version]]:
         """Every version on disk, per object, oldest first."""
         found: dict[int, list[Version]] = {}

@@ -48,21 +48,12 @@ def data_segments(fd: int, start: int = 0, end: int | None = None) -> list[tuple
     return segments
 
 
-def is_zero(data: bytes | memoryview) -> bool:
-    view = memoryview(data)
-    for at in range(0, len(view), ZERO_CHUNK):
-        piece = view[at : at + ZERO_CHUNK]
-        if piece != _ZEROS[: len(piece)]:
-            return False
-    return True
-
-
 def write_sparse(fd: int, offset: int, data: bytes | memoryview) -> int:
     """pwrite ``data`` at ``offset``, skipping all-zero chunks; returns bytes written."""
-    view = memoryview(data)
+    blob = data if isinstance(data, bytes) else bytes(data)
     written = 0
-    for at in range(0, len(view), ZERO_CHUNK):
-        piece = view[at : at + ZERO_CHUNK]
+    for at in range(0, len(blob), ZERO_CHUNK):
+        piece = blob[at : at + ZERO_CHUNK]
         if piece != _ZEROS[: len(piece)]:
             os.pwrite(fd, piece, offset + at)
             written += len(piece)
