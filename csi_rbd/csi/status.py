@@ -29,7 +29,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (node.VolumeNotFound, grpc.StatusCode.NOT_FOUND),
     (node.StagingConflict, grpc.StatusCode.ALREADY_EXISTS),
     (node.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
-    (node.PathRefused, grpc.StatusCode.INVALID_ARGUMENT),
+    (node.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (node.DataPathError, grpc.StatusCode.INTERNAL),
     (engine.ImageNotFound, grpc.StatusCode.NOT_FOUND),
     (engine.ObjectNotFound, grpc.StatusCode.NOT_FOUND),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ CREATE TABLE IF NOT EXISTS children (
     parent_snap INTEGER NOT NULL,
     child_pool TEXT NOT NULL,
     child_image TEXT NOT NULL,
+    pending_pid INTEGER,
     PRIMARY KEY (parent_image, parent_snap, child_pool, child_image)
 );
 CREATE TABLE IF NOT EXISTS metadata (
@@ -172,7 +174,10 @@ def snapshot_from_row(row: sqlite3.Row) -> SnapshotRecord:
 
 
 # Columns added after a table first shipped: (table, column, declaration).
-_ADDED_COLUMNS = (("images", "trashed_name", "TEXT"),)
+_ADDED_COLUMNS = (
+    ("images", "trashed_name", "TEXT"),
+    ("children", "pending_pid", "INTEGER"),
+)
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -193,9 +198,18 @@ class Catalog:
             path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # Switching to WAL takes a lock that the busy timeout does not cover:
+        # processes opening a new pool at the same moment retry.
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise errors.ImageBusy(f"catalog {path} is locked: {exc}") from exc
+                time.sleep(0.01)
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=OFF")
         with self.transaction() as db:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -326,8 +340,10 @@ class Catalog:
         return snapshot_from_row(row)
 
     # -- children -----------------------------------------------------------
-    def children(self, image_id: str, snap_id: int | None = None) -> list[tuple[int, str, str]]:
-        """(parent snap id, child pool, child image id) links of a parent image."""
+    def children(
+        self, image_id: str, snap_id: int | None = None
+    ) -> list[tuple[int, str, str, int | None]]:
+        """(parent snap id, child pool, child image id, pending pid) links of a parent."""
         query = "SELECT * FROM children WHERE parent_image = ?"
         args: tuple[object, ...] = (image_id,)
         if snap_id is not None:
@@ -335,7 +351,16 @@ class Catalog:
             args += (snap_id,)
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
-        return [(r["parent_snap"], r["child_pool"], r["child_image"]) for r in rows]
+        return [
+            (r["parent_snap"], r["child_pool"], r["child_image"], r["pending_pid"]) for r in rows
+        ]
+
+    def trashed_snapshots(self) -> list[tuple[str, int]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT image_id, id FROM snapshots WHERE trashed = 1 ORDER BY image_id, id"
+            ).fetchall()
+        return [(r["image_id"], r["id"]) for r in rows]
 
     # -- metadata -----------------------------------------------------------
     def metadata(self, image_id: str) -> dict[str, str]:

@@ -41,10 +41,11 @@ class ViewSpec:
 
 @dataclass(frozen=True)
 class Placement:
-    """Write the parent's bytes [start, start + length) as object version ``epoch``."""
+    """Write the parent's bytes [start, start + length) as object version ``epoch``,
+    or, when ``parent`` is None, an absent marker there (zeros once detached)."""
 
     epoch: int
-    parent: ParentSpec
+    parent: ParentSpec | None
     length: int
 
 
@@ -55,21 +56,30 @@ def plan_object(
     versions: Sequence[Version],
     epochs: Sequence[int],
 ) -> list[Placement]:
-    """Placements for the object at image offset ``start`` (versions oldest first)."""
+    """Placements for the object at image offset ``start`` (versions oldest first).
+
+    A view that reads zeros there (past its overlap) but would see a version
+    placed for an earlier group gets an absent marker of its own.
+    """
     placements: list[Placement] = []
     previous: tuple[object, ...] | None = None
     for view in sorted(views, key=lambda v: v.view_id):
         visible = newest(versions, lambda e, limit=view.view_id: e < limit)  # type: ignore[misc]
         falls = (visible is None or visible.absent) and view.parent is not None
         span = min(object_size, view.overlap - start) if falls and start < view.overlap else 0
-        key = (visible, view.parent, span) if span > 0 else None
-        if key is None or key == previous:
-            previous = key
+        key = (visible, view.parent if span else None, span)
+        if key == previous:
             continue
         previous = key
         epoch = max(e for e in epochs if e < view.view_id)
+        if span:
+            assert view.parent is not None
+            placement = Placement(epoch, view.parent, span)
+        elif placements and (visible is None or visible.epoch < placements[-1].epoch):
+            placement = Placement(epoch, None, 0)
+        else:
+            continue
         if placements and epoch <= placements[-1].epoch:
             raise errors.IOError(f"cannot flatten object at {start}: two views need epoch {epoch}")
-        assert view.parent is not None
-        placements.append(Placement(epoch, view.parent, span))
+        placements.append(placement)
     return placements

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from csi_rbd.engine import errors
+from csi_rbd.engine.native.header import ImageHeader
 from csi_rbd.engine.native.objects import ObjectStore, Version
 
 if TYPE_CHECKING:
@@ -26,27 +27,39 @@ def collect_garbage(ioctx: IoCtx, image_id: str) -> int:
     Versions newer than ``seq`` belong to an operation not yet committed and
     are left alone. An absent marker with nothing older below it means the
     same as no version at all, so it goes too.
+
+    Candidates are chosen without holding anything; they are unlinked inside
+    the image's exclusive barrier and only if the file is still the one that
+    was chosen (same inode): a writer may have put a new version under the
+    same name meanwhile (replacing an absent marker), and that one must stay.
     """
     try:
         record = ioctx.catalog.image_by_id(image_id)
     except errors.ImageNotFound:
         return 0
-    snap_ids = [s.id for s in ioctx.catalog.snapshots(image_id, include_trashed=True)]
+    snap_ids = ioctx.catalog.snapshot_ids(image_id)
     store = ObjectStore(ioctx.image_directory(image_id))
     seq = record.seq
-    removed = 0
-    for objno, versions in store.scan().items():
+    doomed: list[tuple[int, int, int]] = []
+    for objno, found in store.scan_with_inodes().items():
+        versions = [version for version, _ in found]
+        inode = {version.epoch: ino for version, ino in found}
         keep = {newest(versions, lambda e: e <= seq)}
         for snap_id in snap_ids:
             keep.add(newest(versions, lambda e, s=snap_id: e < s))  # type: ignore[misc]
         survivors = []
         for version in versions:
             if version.epoch <= seq and version not in keep:
-                store.unlink(objno, version.epoch)
-                removed += 1
+                doomed.append((objno, version.epoch, inode[version.epoch]))
             else:
                 survivors.append(version)
         if survivors and survivors[0].absent and survivors[0].epoch <= seq:
-            store.unlink(objno, survivors[0].epoch)
-            removed += 1
-    return removed
+            doomed.append((objno, survivors[0].epoch, inode[survivors[0].epoch]))
+    if not doomed:
+        return 0
+    header = ImageHeader(store.directory / "header", ioctx.rados.lock_timeout)
+    try:
+        with header.exclusive_section():
+            return sum(store.unlink_if_same(objno, epoch, ino) for objno, epoch, ino in doomed)
+    finally:
+        header.close()

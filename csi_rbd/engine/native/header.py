@@ -42,9 +42,9 @@ from csi_rbd.engine import errors
 
 _HEADER_SIZE = 4096
 _GENERATION = struct.Struct("<Q")
-_GATE, _BARRIER, _OWNER = 64, 65, 66
+_GATE, _BARRIER, _OWNER, _WAITERS = 64, 65, 66, 67
 _FLOCK = "hhqqi4x"  # struct flock on Linux x86_64/aarch64: type, whence, start, len, pid
-_POLL_START, _POLL_MAX = 0.0002, 0.01
+_POLL_START, _POLL_MAX = 0.0001, 0.002
 
 
 def _flock(fd: int, kind: int, offset: int, wait: bool) -> bool:
@@ -61,17 +61,25 @@ def _flock(fd: int, kind: int, offset: int, wait: bool) -> bool:
 
 
 def _lock_within(fd: int, kind: int, offset: int, timeout: float, what: str) -> None:
-    """Take a lock, polling until ``timeout`` so that no caller waits forever."""
+    """Take a lock, polling until ``timeout`` so that no caller waits forever.
+
+    While it polls, the caller holds WAITERS shared, so that a long series of
+    exclusive sections (a flatten) can see it and step aside.
+    """
     if _flock(fd, kind, offset, wait=False):
         return
-    deadline = time.monotonic() + timeout
-    delay = _POLL_START
-    while time.monotonic() < deadline:
-        time.sleep(delay)
-        delay = min(delay * 2, _POLL_MAX)
-        if _flock(fd, kind, offset, wait=False):
-            return
-    raise errors.ImageBusy(f"timed out after {timeout:g}s waiting for {what}")
+    _flock(fd, fcntl.F_RDLCK, _WAITERS, wait=False)
+    try:
+        deadline = time.monotonic() + timeout
+        delay = _POLL_START
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX)
+            if _flock(fd, kind, offset, wait=False):
+                return
+        raise errors.ImageBusy(f"timed out after {timeout:g}s waiting for {what}")
+    finally:
+        _flock(fd, fcntl.F_UNLCK, _WAITERS, wait=False)
 
 
 class ImageHeader:
@@ -86,26 +94,34 @@ class ImageHeader:
         self._map_fd = fd
         self._map = mmap.mmap(fd, _HEADER_SIZE)
         self._owner_fd: int | None = None
-        self._local = threading.local()
-        self._thread_fds: list[int] = []
+        # Keyed by the OS thread: threads that libfuse starts get a new Python
+        # thread state (and so a new threading.local) on every callback.
+        self._thread_fds: dict[int, int] = {}
         self._fds_lock = threading.Lock()
 
     # -- generation --------------------------------------------------------
     def generation(self) -> int:
         return int(_GENERATION.unpack_from(self._map, 0)[0])
 
-    def bump_generation(self) -> None:
-        """Advance the counter; call only inside :meth:`exclusive_section`."""
+    def layout_generation(self) -> int:
+        """A second counter, moved only by changes that rewrite which version an
+        object's head shows wholesale (rollback, shrink)."""
+        return int(_GENERATION.unpack_from(self._map, 8)[0])
+
+    def bump_generation(self, layout: bool = False) -> None:
+        """Advance the counter(s); call only inside :meth:`exclusive_section`."""
         _GENERATION.pack_into(self._map, 0, self.generation() + 1)
+        if layout:
+            _GENERATION.pack_into(self._map, 8, self.layout_generation() + 1)
 
     # -- I/O barrier -------------------------------------------------------
     def _thread_fd(self) -> int:
-        fd: int | None = getattr(self._local, "fd", None)
+        thread = threading.get_native_id()
+        fd = self._thread_fds.get(thread)
         if fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            self._local.fd = fd
             with self._fds_lock:
-                self._thread_fds.append(fd)
+                self._thread_fds[thread] = fd
         return fd
 
     @contextmanager
@@ -132,6 +148,17 @@ class ImageHeader:
             yield
         finally:
             os.close(fd)  # closing the descriptor drops both locks
+
+    def yield_to_waiters(self, longest: float = 0.2) -> None:
+        """Before another exclusive section of a long series, let waiting handles in."""
+        deadline = time.monotonic() + longest
+        while self._others_waiting() and time.monotonic() < deadline:
+            time.sleep(_POLL_START)
+
+    def _others_waiting(self) -> bool:
+        request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _WAITERS, 1, 0)
+        answer = fcntl.fcntl(self._map_fd, fcntl.F_OFD_GETLK, request)
+        return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
 
     # -- exclusive write lock ----------------------------------------------
     def owns_write_lock(self) -> bool:
@@ -167,9 +194,8 @@ class ImageHeader:
     def close(self) -> None:
         self.release_write_lock()
         with self._fds_lock:
-            for fd in self._thread_fds:
+            for fd in self._thread_fds.values():
                 os.close(fd)
             self._thread_fds.clear()
-        self._local = threading.local()
         self._map.close()
         os.close(self._map_fd)

@@ -49,6 +49,7 @@ RBD_LOCK_MODE_EXCLUSIVE = 0
 RBD_LOCK_MODE_SHARED = 1
 RBD_SNAP_NAMESPACE_TYPE_USER = 0
 _COPY_CHUNK = 1 << 20
+_FLATTEN_PASSES = 3  # passes over the objects before checking them inside the barrier
 
 DiffCallback = Callable[[int, int, bool], Any]
 ProgressCallback = Callable[[int, int], Any]
@@ -118,8 +119,7 @@ class Image:
         self._generation = -1
         self._snap_ids: tuple[int, ...] = ()
         self._view = self._load_view()
-        if self._snap is None:
-            self._generation = -1  # read without the barrier: reload on first I/O
+        self._generation = -1  # read without the barrier: reload on first I/O
 
     # -- lifecycle ----------------------------------------------------------------
     def close(self) -> None:
@@ -150,7 +150,9 @@ class Image:
         self._generation = self._header.generation()  # before the read, never after
         epochs = catalog.epochs(self._record.id)
         if self._snap is not None:
-            snap = self._snap
+            # a deep flatten may have detached the snapshot from its parent
+            snap = self._snap = catalog.snapshot_by_id(self._record.id, self._snap.id)
+            self._cache.clear()
             view = _View(
                 snap.size,
                 self._record.order,
@@ -175,9 +177,6 @@ class Image:
     def _io(self) -> Iterator[_View]:
         """Run one I/O against a consistent view."""
         self._require_open()
-        if self._snap is not None:
-            yield self._view
-            return
         with self._header.io_section():
             if self._header.generation() != self._generation:
                 with self._state_lock:
@@ -194,7 +193,6 @@ class Image:
             if record.pending_seq is not None:
                 self._abandon_pending(record)
                 record = self._ioctx.catalog.image_by_id(self._record.id)
-            self._store.remove_stale_temps()
             self._record = record
             with self._state_lock:
                 self._view = self._load_view()
@@ -202,8 +200,7 @@ class Image:
                 yield record
             finally:
                 with self._state_lock:
-                    if self._snap is None:
-                        self._view = self._load_view()
+                    self._view = self._load_view()
 
     def _abandon_pending(self, record: ImageRecord) -> None:
         """Delete what an interrupted rollback or shrink wrote; it never committed."""
@@ -247,6 +244,7 @@ class Image:
                     f"image {self._record.name} is being written by another client"
                 )
             with self._exclusive():
+                self._store.remove_stale_temps()  # of writers that died
                 self._caching = True
 
     def lock_release(self) -> None:
@@ -331,7 +329,8 @@ class Image:
                 pass
         version = self._store.probe(objno, view.epochs)
         if self._caching:
-            self._cache[objno] = version
+            # never overwrite what a copy-up on another thread recorded meanwhile
+            return self._cache.setdefault(objno, version)
         return version
 
     def _parent_image(self, view: _View) -> Image:
@@ -364,6 +363,11 @@ class Image:
             try:
                 return self._store.read(objno, version.epoch, in_object, count)
             except FileNotFoundError:
+                if self._snap is not None:
+                    # a snapshot's versions live as long as it does: it was removed
+                    raise errors.ImageNotFound(
+                        f"snapshot {self._snap.name} of {self._record.name} was removed"
+                    ) from None
                 # superseded and collected by another handle since we looked
                 self._cache.pop(objno, None)
         raise errors.IOError(f"object {objno} keeps changing under a read")
@@ -477,11 +481,15 @@ class Image:
 
     def _retire(self, objno: int, old: Version) -> None:
         """Unlink a superseded head version unless a snapshot still reads it."""
-        seq = self._record.seq
-        if any(old.epoch < snap_id <= seq for snap_id in self._snap_ids):
+        if self._snapshot_reads(old):
             return
         self._store.fsync_directory()  # the replacement's name is durable first
         self._store.unlink(objno, old.epoch)
+
+    def _snapshot_reads(self, head_version: Version) -> bool:
+        """Whether a snapshot reads this version, which head sees now."""
+        seq = self._record.seq
+        return any(head_version.epoch < snap_id <= seq for snap_id in self._snap_ids)
 
     def _discard_object(self, view: _View, objno: int) -> None:
         seq = self._record.seq
@@ -493,11 +501,14 @@ class Image:
             elif version is None or version.absent:
                 return
             elif (
-                version.epoch == seq
-                and self._store.probe(objno, [e for e in view.epochs if e < seq]) is None
+                not self._snapshot_reads(version)
+                and self._store.probe(objno, [e for e in view.epochs if e < version.epoch]) is None
             ):
-                self._store.unlink(objno, seq)
+                # nothing below it and no snapshot needs it: no marker either
+                self._store.unlink(objno, version.epoch)
                 self._cache[objno] = None
+                self._note_directory_dirty()
+                return
             else:
                 self._store.mark_absent(objno, seq)
                 self._cache[objno] = Version(seq, absent=True)
@@ -541,7 +552,7 @@ class Image:
 
     def _commit_pending(self, record: ImageRecord, epoch: int, **columns: object) -> None:
         self._store.fsync_directory()
-        self._header.bump_generation()
+        self._header.bump_generation(layout=True)
         sets = ", ".join(f"{column} = ?" for column in columns)
         with self._ioctx.catalog.transaction() as db:
             db.execute(
@@ -631,9 +642,14 @@ class Image:
             raise errors.ImageBusy(f"snapshot {name} is protected; unprotect it first")
         with self._exclusive() as record:
             self._header.bump_generation()
-            in_use = bool(layering.live_children(self._ioctx, record.id, snap.id))
+            # Counting links and removing in one transaction: a clone committing at
+            # the same moment is either counted or finds the snapshot trashed.
             with self._ioctx.catalog.transaction() as db:
-                if in_use:
+                linked = db.execute(
+                    "SELECT COUNT(*) FROM children WHERE parent_image = ? AND parent_snap = ?",
+                    (record.id, snap.id),
+                ).fetchone()[0]
+                if linked:
                     db.execute(
                         "UPDATE snapshots SET trashed = 1 WHERE image_id = ? AND id = ?",
                         (record.id, snap.id),
@@ -642,7 +658,9 @@ class Image:
                     db.execute(
                         "DELETE FROM snapshots WHERE image_id = ? AND id = ?", (record.id, snap.id)
                     )
-        if not in_use:
+        if linked:
+            layering.purge_trashed_snapshot(self._ioctx, record.id, snap.id)  # if links are stale
+        else:
             gc.collect_garbage(self._ioctx, record.id)
             if snap.parent is not None:
                 layering.release_parent(self._ioctx, record.id, snap.parent)
@@ -727,23 +745,36 @@ class Image:
         """Copy up everything the clone reads from its parent, then detach it.
 
         With deep-flatten (a default feature) its snapshots are detached too.
-        Objects are handled one at a time, each inside the barrier, so the
-        image stays readable and writable throughout (see :mod:`.flatten`).
+        Objects are handled one at a time: parent data is copied outside any
+        lock and installed inside the barrier after checking the plan still
+        holds, so the image stays readable and writable throughout (see
+        :mod:`.flatten`). A rollback or shrink during the pass (the header's
+        layout counter moves) means another pass, so no object they brought
+        back is lost; snapshots taken meanwhile need none.
         """
         self._require_writable()
-        with self._io() as view:
-            deep = bool(self._record.features & validate.RBD_FEATURE_DEEP_FLATTEN)
-            snaps = self._ioctx.catalog.snapshots(self._record.id, include_trashed=True)
-            detached = [s for s in snaps if deep and s.parent is not None]
-            if view.parent is None and not detached:
+        deep = bool(self._record.features & validate.RBD_FEATURE_DEEP_FLATTEN)
+        with self._io():
+            total = self._flatten_span(deep)
+            if total is None:
                 raise errors.InvalidArgument(f"image {self._record.name} is not a clone")
-        overlap = max([view.overlap] + [s.overlap for s in detached])
-        total = -(-overlap // view.object_size)
-        for objno in range(total):
-            self._flatten_object(objno, deep)
-            if on_progress is not None:
-                on_progress(objno + 1, total)
+        for attempt in range(_FLATTEN_PASSES):
+            layout = self._header.layout_generation()
+            for objno in range(total):
+                self._header.yield_to_waiters()
+                self._flatten_object(objno, deep)
+                if on_progress is not None and attempt == 0:
+                    on_progress(objno + 1, total)
+            with self._exclusive() as record:
+                if self._header.layout_generation() == layout or attempt == _FLATTEN_PASSES - 1:
+                    break
+                total = self._flatten_span(deep) or 0  # a rollback or shrink ran: again
         with self._exclusive() as record:
+            if self._header.layout_generation() != layout:
+                # a rollback or shrink kept interfering: check every object in here
+                for objno in range(self._flatten_span(deep) or 0):
+                    self._place(objno, self._plan_flatten(objno, deep))
+            snaps = self._ioctx.catalog.snapshots(record.id, include_trashed=True)
             self._header.bump_generation()
             with self._ioctx.catalog.transaction() as db:
                 db.execute(
@@ -757,38 +788,82 @@ class Image:
                         "parent_snap = NULL, overlap = 0 WHERE image_id = ?",
                         (record.id,),
                     )
-        for parent in {record.parent, *(s.parent for s in detached)} - {None}:
+                layering.drop_unreferenced_links(db, self._ioctx.name, record.id)
+        detached = [s.parent for s in snaps if deep]
+        for parent in {record.parent, *detached} - {None}:
             assert parent is not None
             layering.release_parent(self._ioctx, record.id, parent)
 
-    def _flatten_object(self, objno: int, deep: bool) -> None:
-        with self._exclusive() as record:
-            views = [flattening.ViewSpec(record.seq + 1, record.parent, record.overlap)]
-            if deep:
-                views += [
-                    flattening.ViewSpec(s.id, s.parent, s.overlap)
-                    for s in self._ioctx.catalog.snapshots(record.id, include_trashed=True)
-                ]
-            epochs = self._ioctx.catalog.epochs(record.id)
-            start = objno << record.order
-            placements = flattening.plan_object(
-                start,
-                1 << record.order,
-                views,
-                self._store.versions(objno, sorted(epochs)),
-                epochs,
-            )
-            if not placements:
-                return
+    def _flatten_views(self, deep: bool) -> list[flattening.ViewSpec]:
+        record = self._record
+        views = [flattening.ViewSpec(record.seq + 1, record.parent, record.overlap)]
+        if deep:
+            views += [
+                flattening.ViewSpec(s.id, s.parent, s.overlap)
+                for s in self._ioctx.catalog.snapshots(record.id, include_trashed=True)
+            ]
+        return views
+
+    def _flatten_span(self, deep: bool) -> int | None:
+        """How many objects flatten must visit; None when nothing has a parent."""
+        with_parent = [v for v in self._flatten_views(deep) if v.parent is not None]
+        if not with_parent:
+            return None
+        return -(-max(v.overlap for v in with_parent) // (1 << self._record.order))
+
+    def _plan_flatten(self, objno: int, deep: bool) -> list[flattening.Placement]:
+        epochs = self._ioctx.catalog.epochs(self._record.id)
+        return flattening.plan_object(
+            objno << self._record.order,
+            1 << self._record.order,
+            self._flatten_views(deep),
+            self._store.versions(objno, sorted(epochs)),
+            epochs,
+        )
+
+    def _placement_chunks(
+        self, objno: int, placement: flattening.Placement
+    ) -> Iterator[tuple[int, bytes]]:
+        start = objno << self._record.order
+        if placement.parent is None:
+            return
+        parent = self._parent_by_spec(placement.parent)
+        for at in range(start, start + placement.length, _COPY_CHUNK):
+            yield at - start, parent.read(at, min(_COPY_CHUNK, start + placement.length - at))
+
+    def _place(self, objno: int, placements: list[flattening.Placement]) -> None:
+        """Write placements now; call inside the exclusive barrier."""
+        if placements:
             self._header.bump_generation()
-            for placement in placements:
-                parent = self._parent_by_spec(placement.parent)
-                chunks = (
-                    (at - start, parent.read(at, min(_COPY_CHUNK, start + placement.length - at)))
-                    for at in range(start, start + placement.length, _COPY_CHUNK)
+        for placement in placements:
+            if placement.parent is None:
+                self._store.mark_absent(objno, placement.epoch)
+            else:
+                self._store.create_from(
+                    objno, placement.epoch, self._placement_chunks(objno, placement)
                 )
-                self._store.create_from(objno, placement.epoch, chunks)
-            self._store.fsync_directory()
+
+    def _flatten_object(self, objno: int, deep: bool) -> None:
+        with self._io():
+            plan = self._plan_flatten(objno, deep)
+        if not plan:
+            return
+        prepared = [self._store.prepare_from(self._placement_chunks(objno, p)) for p in plan]
+        try:
+            with self._exclusive():
+                if self._plan_flatten(objno, deep) == plan:
+                    self._header.bump_generation()
+                    for placement, temp in zip(plan, prepared, strict=True):
+                        if placement.parent is None:
+                            self._store.mark_absent(objno, placement.epoch)
+                        else:
+                            self._store.install_prepared(temp, objno, placement.epoch)
+                else:  # the image changed meanwhile: plan again, copy inside
+                    self._place(objno, self._plan_flatten(objno, deep))
+        finally:
+            for temp in prepared:
+                self._store.discard_prepared(temp)
+        self._store.fsync_directory()
 
     # -- diff -------------------------------------------------------------------------
     def _data_in(
@@ -804,7 +879,15 @@ class Image:
         if version is not None and not version.absent:
             start = objno << view.order
             runs = []
-            for offset, length in self._store.data_segments(objno, version.epoch):
+            try:
+                segments = self._store.data_segments(objno, version.epoch)
+            except FileNotFoundError:
+                if self._snap is not None:
+                    raise errors.ImageNotFound(f"snapshot {self._snap.name} was removed") from None
+                # superseded or discarded since the scan: look again
+                fresh = self._store.probe(objno, view.epochs)
+                return self._data_in(view, objno, fresh, at, count, include_parent)
+            for offset, length in segments:
                 lo, hi = max(start + offset, at), min(start + offset + length, at + count)
                 if lo < hi:
                     runs.append((lo, hi - lo))

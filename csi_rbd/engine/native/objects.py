@@ -102,7 +102,14 @@ class ObjectStore:
 
     def scan(self) -> dict[int, list[Version]]:
         """Every version on disk, per object, oldest first."""
-        found: dict[int, list[Version]] = {}
+        return {
+            objno: [version for version, _ in found]
+            for objno, found in self.scan_with_inodes().items()
+        }
+
+    def scan_with_inodes(self) -> dict[int, list[tuple[Version, int]]]:
+        """Every version on disk with its inode number, per object, oldest first."""
+        found: dict[int, list[tuple[Version, int]]] = {}
         try:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
@@ -112,9 +119,9 @@ class ObjectStore:
             if parsed is None:
                 continue
             objno, epoch = parsed
-            found.setdefault(objno, []).append(Version(epoch, entry.is_symlink()))
+            found.setdefault(objno, []).append((Version(epoch, entry.is_symlink()), entry.inode()))
         for versions in found.values():
-            versions.sort(key=lambda v: v.epoch)
+            versions.sort(key=lambda item: item[0].epoch)
         return found
 
     # -- reading --------------------------------------------------------------
@@ -219,6 +226,17 @@ class ObjectStore:
         os.symlink(_ABSENT_TARGET, temp)
         self._install(temp, objno, epoch)
 
+    def unlink_if_same(self, objno: int, epoch: int, inode: int) -> bool:
+        """Unlink a version only if it is still the file with ``inode``."""
+        path = self.path(objno, epoch)
+        try:
+            if os.lstat(path).st_ino != inode:
+                return False
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
     def unlink(self, objno: int, epoch: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(objno, epoch))
@@ -254,7 +272,7 @@ class ObjectStore:
             if not entry.name.startswith(_TMP_PREFIX):
                 continue
             pid = int(entry.name[len(_TMP_PREFIX) :].split(".", 1)[0] or 0)
-            if pid != os.getpid() and not _alive(pid):
+            if pid != os.getpid() and not process_alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
 
@@ -262,7 +280,7 @@ class ObjectStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -10,6 +10,7 @@ with its catalog and one folder per image::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from csi_rbd.engine import errors
-from csi_rbd.engine.native import validate
+from csi_rbd.engine.native import layering, validate
 from csi_rbd.engine.native.catalog import Catalog
 
 DEFAULT_POOL = "rbd"
@@ -44,14 +45,23 @@ class Rados:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.data_dir))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         fsid = self.data_dir / _FSID
-        fresh = not fsid.exists()
-        if fresh:
-            temp = fsid.with_suffix(f".tmp{os.getpid()}")
-            temp.write_text(str(uuid.uuid4()) + "\n")
-            os.replace(temp, fsid)
         self.state = "connected"
-        if fresh and not self.pool_exists(DEFAULT_POOL):
+        if fsid.exists():
+            return
+        # A new data directory: the default pool first, the identity last, so a
+        # crash in between leaves a directory the next connect completes.
+        with contextlib.suppress(errors.ObjectExists):
             self.create_pool(DEFAULT_POOL)
+        temp = self.data_dir / f"{_FSID}.tmp{os.getpid()}"
+        temp.write_text(str(uuid.uuid4()) + "\n")
+        with open(temp) as handle:
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp, fsid)  # never replaces the identity another process wrote
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temp)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -114,7 +124,14 @@ class Rados:
         self._require_connected()
         if not self.pool_exists(pool):
             raise errors.ObjectNotFound(f"pool {pool} does not exist")
-        return IoCtx(self, pool, self._catalog(pool))
+        ioctx = IoCtx(self, pool, self._catalog(pool))
+        with self._lock:
+            first = pool not in self._swept
+            self._swept.add(pool)
+        if first:
+            _remove_orphan_image_directories(self.pool_directory(pool) / "images", ioctx.catalog)
+            layering.sweep(ioctx)
+        return ioctx
 
     def _catalog(self, pool: str, create: bool = False) -> Catalog:
         with self._lock:
@@ -125,9 +142,6 @@ class Rados:
                     raise errors.ObjectNotFound(f"pool {pool} does not exist")
                 catalog = Catalog(path, busy_timeout=self.lock_timeout)
                 self._catalogs[pool] = catalog
-            if pool not in self._swept:
-                self._swept.add(pool)
-                _remove_orphan_image_directories(self.pool_directory(pool) / "images", catalog)
             return catalog
 
 

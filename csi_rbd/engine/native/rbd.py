@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import os
 import secrets
 import sqlite3
 import time
@@ -154,31 +155,33 @@ class RBD:
         spec = ParentSpec(p_ioctx.name, parent.id, snap.id)
         child_id = _new_image_id()
         link = (
-            "INSERT INTO children (parent_image, parent_snap, child_pool, child_image) "
-            "VALUES (?, ?, ?, ?)"
+            "INSERT INTO children (parent_image, parent_snap, child_pool, child_image, "
+            "pending_pid) VALUES (?, ?, ?, ?, ?)"
         )
-        link_args = (parent.id, snap.id, c_ioctx.name, child_id)
         if p_ioctx.catalog is c_ioctx.catalog:
             with c_ioctx.catalog.transaction() as db:
                 self._check_parent_snapshot(db, spec)
-                db.execute(link, link_args)
+                db.execute(link, (parent.id, snap.id, c_ioctx.name, child_id, None))
                 _insert_image(db, child_id, c_name, snap.size, order, features, spec, snap.size)
             return
-        # Two catalogs: link first, so a crash leaves at worst a link to nothing.
+        # Two catalogs: a pending link first (see layering), then the child.
+        key = (parent.id, snap.id, c_ioctx.name, child_id)
         with p_ioctx.catalog.transaction() as db:
             self._check_parent_snapshot(db, spec)
-            db.execute(link, link_args)
+            db.execute(link, (*key, os.getpid()))
         try:
             with c_ioctx.catalog.transaction() as db:
                 _insert_image(db, child_id, c_name, snap.size, order, features, spec, snap.size)
         except BaseException:
             with p_ioctx.catalog.transaction() as db:
-                db.execute(
-                    "DELETE FROM children WHERE parent_image = ? AND parent_snap = ? "
-                    "AND child_pool = ? AND child_image = ?",
-                    link_args,
-                )
+                db.execute(layering.DELETE_LINK, key)
             raise
+        with p_ioctx.catalog.transaction() as db:
+            db.execute(
+                "UPDATE children SET pending_pid = NULL WHERE parent_image = ? AND "
+                "parent_snap = ? AND child_pool = ? AND child_image = ?",
+                key,
+            )
 
     @staticmethod
     def _check_parent_snapshot(db: sqlite3.Connection, spec: ParentSpec) -> None:
