@@ -18,6 +18,7 @@ discard                            unmap (| ignore)
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from collections.abc import Mapping
@@ -74,6 +75,15 @@ class VolumeParameters:
     discard: str
     pvc_name: str | None = None
     pvc_namespace: str | None = None
+
+    def with_mutable(self, mutable: Mapping[str, str]) -> VolumeParameters:
+        """These parameters with the mutable ones (cache, discard) taking precedence."""
+        changes = parse_mutable(mutable)
+        return dataclasses.replace(
+            self,
+            cache=changes.get("cache", self.cache),
+            discard=changes.get("discard", self.discard),
+        )
 
     def context(self) -> dict[str, str]:
         """What NodeStageVolume gets back in the volume context."""

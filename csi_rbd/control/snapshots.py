@@ -59,7 +59,11 @@ class SnapshotService:
         for key in parameters:
             if not key.startswith("csi.storage.k8s.io/"):
                 raise InvalidRequest(f"unknown snapshot parameter {key!r}")
+        request = {"source_volume": source_volume_id}
         with self.volumes.locks.hold(f"snapshot-name:{name}", source_volume_id):
+            done = self._already_cut(name, source_volume_id, request, secrets)
+            if done is not None:
+                return done  # even if the source volume is gone by now
             with self.volumes.open_volume(source_volume_id, secrets) as (
                 engine,
                 source,
@@ -68,7 +72,6 @@ class SnapshotService:
             ):
                 journal = NameJournal(ioctx, "snapshot")
                 reservation = journal.lookup(name)
-                request = {"source_volume": source_volume_id}
                 if reservation is not None and reservation.request != request:
                     raise AlreadyExists(
                         f"snapshot {name} exists for another source volume "
@@ -90,6 +93,31 @@ class SnapshotService:
                         with contextlib.suppress(Exception):
                             journal.release(reservation)
                     raise
+
+    def _already_cut(
+        self,
+        name: str,
+        source_volume_id: str,
+        request: dict[str, str],
+        secrets: Mapping[str, str] | None,
+    ) -> Snapshot | None:
+        """The snapshot, if one of this name was already cut from this source."""
+        source = images.decode(source_volume_id, "volume")
+        engine = self.volumes.engine(source.cluster)
+        try:
+            with images.pool(engine, source.pool, secrets) as (_, ioctx):
+                reservation = NameJournal(ioctx, "snapshot").lookup(name)
+                if reservation is None or reservation.request != request:
+                    return None
+                rid = ResourceId(source.cluster, source.pool, reservation.uuid)
+                if not images.image_exists(engine, ioctx, rid.snapshot_image()):
+                    return None
+                with engine.open_image(ioctx, rid.snapshot_image(), read_only=True) as image:
+                    if SNAPSHOT_NAME not in [s["name"] for s in image.list_snaps()]:
+                        return None
+                return self._describe(engine, ioctx, rid, reservation)
+        except InvalidRequest:
+            return None
 
     @staticmethod
     def _make(engine: Engine, ioctx: Any, volume_image: str, snap_image: str) -> None:

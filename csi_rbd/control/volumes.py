@@ -21,6 +21,7 @@ point finishes the job instead of failing or leaking.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,8 @@ class CreateVolumeRequest:
     secrets: Mapping[str, str] = field(default_factory=dict)
     # topology segments the volume must be reachable from (None: anywhere)
     requisite: tuple[Mapping[str, str], ...] | None = None
+    # cache/discard overrides that take precedence over ``parameters``
+    mutable_parameters: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def choose_size(required: int, limit: int, source: int | None) -> int:
         raise OutOfRange("capacity range bounds must not be negative")
     if limit and required > limit:
         raise OutOfRange(f"required_bytes {required} exceeds limit_bytes {limit}")
-    wanted = required or (source if source is not None else DEFAULT_SIZE)
+    default = source if source is not None else DEFAULT_SIZE
+    wanted = required or (min(default, limit) if limit else default)
     if source is not None and wanted < source:
         raise OutOfRange(
             f"the source is {source} bytes; a volume made from it cannot be smaller "
@@ -136,22 +140,36 @@ class VolumeService:
             size = int(image.size())
             meta = dict(image.metadata_list())
         request = reservation.request if reservation else {}
-        context = {
-            "clusterID": rid.cluster,
-            "pool": rid.pool,
-            "imageName": name,
-            "cache": meta.get(_METADATA["cache"], "none"),
-            "discard": meta.get(_METADATA["discard"], "unmap"),
-            "mkfsOptions": meta.get("csi.mkfsOptions", ""),
-        }
         return Volume(
             volume_id=rid.encode(),
             capacity=size,
-            context=context,
+            context=self._context(rid, request, meta),
             source_snapshot=request.get("source_snapshot"),
             source_volume=request.get("source_volume"),
             topology=self.topology(engine),
         )
+
+    def _context(
+        self, rid: ResourceId, request: Mapping[str, Any], meta: Mapping[str, str]
+    ) -> dict[str, str]:
+        """The volume context: what the volume was created with, the same ever after.
+
+        ControllerModifyVolume changes the image metadata the node reads, not
+        this (the spec keeps a volume's context immutable).
+        """
+        context = {
+            "clusterID": rid.cluster,
+            "pool": rid.pool,
+            "cache": meta.get(_METADATA["cache"], "none"),
+            "discard": meta.get(_METADATA["discard"], "unmap"),
+            "mkfsOptions": meta.get("csi.mkfsOptions", ""),
+        }
+        if "parameters" in request:
+            with contextlib.suppress(InvalidRequest):
+                params = parameters.parse(request["parameters"], self.config)
+                context = params.with_mutable(request.get("mutable_parameters", {})).context()
+        context["imageName"] = rid.volume_image()
+        return context
 
     # -- CreateVolume -------------------------------------------------------------
     def create(self, request: CreateVolumeRequest) -> Volume:
@@ -160,8 +178,8 @@ class VolumeService:
         if request.source_snapshot and request.source_volume:
             raise InvalidRequest("a volume has one content source, not two")
         params = parameters.parse(request.parameters, self.config)
+        params = params.with_mutable(request.mutable_parameters)
         engine = self.engine(params.cluster_id)
-        self._check_topology(engine, request.requisite)
         fingerprint = {
             "required_bytes": request.required_bytes,
             "limit_bytes": request.limit_bytes,
@@ -173,7 +191,10 @@ class VolumeService:
             "block": request.block,
             "source_snapshot": request.source_snapshot,
             "source_volume": request.source_volume,
+            "mutable_parameters": dict(sorted(request.mutable_parameters.items())),
+            "requisite": sorted(sorted(t.items()) for t in request.requisite or ()),
         }
+        fingerprint = json.loads(json.dumps(fingerprint))  # as the journal gives it back
         source = request.source_snapshot or request.source_volume
         keys = [f"volume-name:{request.name}"] + ([source] if source else [])
         with (
@@ -192,6 +213,7 @@ class VolumeService:
                 )
             fresh = reservation is None
             if reservation is None:
+                self._check_topology(engine, request.requisite)
                 try:
                     reservation = journal.reserve(request.name, fingerprint)
                 except errors.ObjectExists as exc:

@@ -20,6 +20,7 @@ CONTROLLER = (
     ControllerRPC.GET_VOLUME,
     ControllerRPC.VOLUME_CONDITION,
     ControllerRPC.MODIFY_VOLUME,
+    ControllerRPC.SINGLE_NODE_MULTI_WRITER,
 )
 
 NODE = (
@@ -43,15 +44,12 @@ READ_ONLY_MODES = frozenset({AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULT
 FILESYSTEMS = ("ext4", "xfs")
 
 
-def plugin_capabilities(with_controller: bool) -> list[csi.PluginCapability]:
+def plugin_capabilities() -> list[csi.PluginCapability]:
+    """The same for every instance, whatever services it runs (the spec asks so)."""
     service = csi.PluginCapability.Service.Type
-    caps = []
-    if with_controller:
-        caps.append(
-            csi.PluginCapability(
-                service=csi.PluginCapability.Service(type=service.CONTROLLER_SERVICE)
-            )
-        )
+    caps = [
+        csi.PluginCapability(service=csi.PluginCapability.Service(type=service.CONTROLLER_SERVICE))
+    ]
     caps.append(
         csi.PluginCapability(
             service=csi.PluginCapability.Service(type=service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
@@ -78,14 +76,22 @@ def node_capabilities() -> list[csi.NodeServiceCapability]:
     return [csi.NodeServiceCapability(rpc=csi.NodeServiceCapability.RPC(type=t)) for t in NODE]
 
 
+def unsupported_mode(capability: csi.VolumeCapability) -> str | None:
+    """Why the capability's access mode cannot be served, or None when it can."""
+    if capability.access_mode.mode not in ACCESS_MODES:
+        name = AccessMode.Name(capability.access_mode.mode)
+        return f"access mode {name} is not supported (volumes live on a single node)"
+    return None
+
+
 def unsupported(capability: csi.VolumeCapability) -> str | None:
     """Why a volume capability cannot be served, or None when it can."""
     access = capability.WhichOneof("access_type")
     if access is None:
         return "volume capability has no access type (block or mount)"
-    if capability.access_mode.mode not in ACCESS_MODES:
-        name = AccessMode.Name(capability.access_mode.mode)
-        return f"access mode {name} is not supported (volumes live on a single node)"
+    mode = unsupported_mode(capability)
+    if mode:
+        return mode
     if access == "mount":
         fs_type = capability.mount.fs_type
         if fs_type and fs_type not in FILESYSTEMS:

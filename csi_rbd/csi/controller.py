@@ -6,6 +6,7 @@ messages into plain requests and results back into messages.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -20,20 +21,27 @@ from csi_rbd.control.snapshots import Snapshot, SnapshotService
 from csi_rbd.control.volumes import CreateVolumeRequest, Volume, VolumeService
 from csi_rbd.csi import capabilities
 from csi_rbd.csi.status import Abort, require, rpc
+from csi_rbd.ids import BadId, ResourceId
 
 T = TypeVar("T")
 _UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED
 
 
 def _page(items: Sequence[T], key: list[str], token: str, max_entries: int) -> tuple[list[T], str]:
-    """One page after ``token`` (the last key of the previous page); ABORTED if unknown."""
+    """One page after ``token`` (the last key of the previous page, in sorted order).
+
+    A token is any key this driver could have handed out; it need not still
+    exist: listing resumes after where it would be. Anything else is ABORTED.
+    """
     if max_entries < 0:
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "max_entries must not be negative")
     start = 0
     if token:
-        if token not in key:
-            raise Abort(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not valid")
-        start = key.index(token) + 1
+        try:
+            ResourceId.decode(token)
+        except BadId as exc:
+            raise Abort(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not valid") from exc
+        start = bisect.bisect_right(key, token)
     end = len(items) if max_entries == 0 else min(len(items), start + max_entries)
     next_token = key[end - 1] if end < len(items) and end > start else ""
     return list(items[start:end]), next_token
@@ -113,6 +121,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 source_volume=source.volume.volume_id if source.HasField("volume") else None,
                 secrets=dict(request.secrets),
                 requisite=requisite,
+                mutable_parameters=dict(request.mutable_parameters),
             )
         )
         return csi.CreateVolumeResponse(volume=_volume_message(volume))
@@ -169,9 +178,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         for volume_id in page:
             try:
                 volume = self.volumes.get(volume_id)
+                abnormal, message = self.volumes.condition(volume_id)
             except NotFound:  # removed since listed
                 continue
-            entries.append(csi.ListVolumesResponse.Entry(volume=_volume_message(volume)))
+            entries.append(
+                csi.ListVolumesResponse.Entry(
+                    volume=_volume_message(volume),
+                    status=csi.ListVolumesResponse.VolumeStatus(
+                        volume_condition=csi.VolumeCondition(abnormal=abnormal, message=message)
+                    ),
+                )
+            )
         return csi.ListVolumesResponse(entries=entries, next_token=next_token)
 
     @rpc

@@ -33,9 +33,7 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
     def GetPluginCapabilities(
         self, request: csi.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi.GetPluginCapabilitiesResponse:
-        return csi.GetPluginCapabilitiesResponse(
-            capabilities=capabilities.plugin_capabilities(self.config.runs_controller)
-        )
+        return csi.GetPluginCapabilitiesResponse(capabilities=capabilities.plugin_capabilities())
 
     @rpc
     def Probe(self, request: csi.ProbeRequest, context: grpc.ServicerContext) -> csi.ProbeResponse:

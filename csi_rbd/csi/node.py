@@ -7,6 +7,7 @@ finds the image and its cache/discard settings, and calls the stager.
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Mapping
 
@@ -22,19 +23,44 @@ from csi_rbd.csi.status import Abort, require, rpc
 from csi_rbd.engine.base import Engine
 from csi_rbd.locks import OperationLocks
 from csi_rbd.node.stager import NodeStager
+from csi_rbd.node.stash import load_stash
 
 _FILESYSTEM_DEFAULT = "ext4"
 
 
 def _capability(request_capability: csi.VolumeCapability) -> tuple[bool, bool]:
-    """(block, read-only mode) of a supported capability, else INVALID_ARGUMENT."""
+    """(block, read-only mode) of a supported capability.
+
+    A malformed capability is INVALID_ARGUMENT; an access mode the volume
+    cannot have is FAILED_PRECONDITION ("exceeds capabilities" in the spec's
+    node tables).
+    """
     require(request_capability.WhichOneof("access_type"), "volume_capability")
+    mode = capabilities.unsupported_mode(request_capability)
+    if mode:
+        raise Abort(grpc.StatusCode.FAILED_PRECONDITION, mode)
     reason = capabilities.unsupported(request_capability)
     if reason:
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
     block = request_capability.WhichOneof("access_type") == "block"
     read_only = request_capability.access_mode.mode in capabilities.READ_ONLY_MODES
     return block, read_only
+
+
+def _mode(
+    metadata: Mapping[str, str], context: Mapping[str, str], key: str, allowed: tuple[str, ...]
+) -> str:
+    """A volume's ``cache``/``discard`` mode: image metadata ``csi.<key>`` (what
+    ControllerModifyVolume changes), else the volume context, else the default
+    (the first allowed value); an unknown value falls back to the default."""
+    value = metadata.get(f"csi.{key}", context.get(key, allowed[0]))
+    return value if value in allowed else allowed[0]
+
+
+def _must_be_absolute(volume_path: str) -> None:
+    """A relative volume path cannot be where any volume of ours is: NOT_FOUND."""
+    if not os.path.isabs(volume_path):
+        raise Abort(grpc.StatusCode.NOT_FOUND, f"no volume is published at {volume_path!r}")
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
@@ -82,9 +108,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self.locks.hold(request.volume_id):
             engine, pool, image, metadata = self._image(request.volume_id, request.secrets)
             context_params = dict(request.volume_context)
-            discard = metadata.get("csi.discard", context_params.get("discard", "unmap"))
-            if discard not in parameters.DISCARD_MODES:
-                discard = "unmap"
+            discard = _mode(metadata, context_params, "discard", parameters.DISCARD_MODES)
+            cache = _mode(metadata, context_params, "cache", parameters.CACHE_MODES)
             mkfs = metadata.get("csi.mkfsOptions", context_params.get("mkfsOptions", ""))
             mount = request.volume_capability.mount
             self.stager.stage(
@@ -97,6 +122,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 mount_flags=list(mount.mount_flags),
                 read_only=read_only,
                 discard=discard,
+                cache=cache,
             )
         return csi.NodeStageVolumeResponse()
 
@@ -115,11 +141,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self, request: csi.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi.NodePublishVolumeResponse:
         require(request.volume_id, "volume_id")
-        require(request.staging_target_path, "staging_target_path")
         require(request.target_path, "target_path")
         require(request.HasField("volume_capability"), "volume_capability")
         block, read_only = _capability(request.volume_capability)
+        if not request.staging_target_path:
+            raise Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "staging_target_path is missing: the volume must be staged first",
+            )
+        single_writer = capabilities.AccessMode.SINGLE_NODE_SINGLE_WRITER
         with self.locks.hold(request.volume_id):
+            if request.volume_capability.access_mode.mode == single_writer:
+                self._refuse_second_target(request.staging_target_path, request.target_path)
             self.stager.publish(
                 request.volume_id,
                 request.staging_target_path,
@@ -129,6 +162,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 mount_flags=list(request.volume_capability.mount.mount_flags),
             )
         return csi.NodePublishVolumeResponse()
+
+    def _refuse_second_target(self, staging_path: str, target_path: str) -> None:
+        """SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): one publish target at most."""
+        record = load_stash(self.stager.check_path(staging_path))
+        others = [t for t in (record.targets if record else ()) if str(t.path) != target_path]
+        if others:
+            raise Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the volume is single-writer and already published at {others[0].path}",
+            )
 
     @rpc
     def NodeUnpublishVolume(
@@ -146,6 +189,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     ) -> csi.NodeGetVolumeStatsResponse:
         require(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
+        _must_be_absolute(request.volume_path)
         stats = self.stager.stats(request.volume_id, request.volume_path)
         unit = csi.VolumeUsage.Unit
         usage = [
@@ -176,8 +220,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     ) -> csi.NodeExpandVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
+        _must_be_absolute(request.volume_path)
         if request.HasField("volume_capability"):
-            _capability(request.volume_capability)
+            reason = capabilities.unsupported(request.volume_capability)
+            if reason:
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
         wanted = request.capacity_range.required_bytes or None
         limit = request.capacity_range.limit_bytes
         with self.locks.hold(request.volume_id):

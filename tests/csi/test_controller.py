@@ -567,7 +567,7 @@ def test_expand(
     assert smaller.capacity_bytes == 10 * MiB
 
 
-def test_get_and_modify_volume(grpc_stub: Any) -> None:
+def test_get_and_modify_volume(grpc_stub: Any, engines: dict[str, Any]) -> None:
     volume = create(grpc_stub, size=MiB)
     got = grpc_stub.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=volume.volume_id))
     assert got.volume.volume_id == volume.volume_id
@@ -578,7 +578,10 @@ def test_get_and_modify_volume(grpc_stub: Any) -> None:
         )
     )
     got = grpc_stub.ControllerGetVolume(csi.ControllerGetVolumeRequest(volume_id=volume.volume_id))
-    assert got.volume.volume_context["cache"] == "writethrough"
+    # the volume context is immutable (spec); the node reads the new mode from the image
+    assert got.volume.volume_context == volume.volume_context
+    with image_of(engines, volume.volume_id) as image:
+        assert image.metadata_get("csi.cache") == "writethrough"
     message = expect_code(
         lambda: grpc_stub.ControllerModifyVolume(
             csi.ControllerModifyVolumeRequest(
