@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from csi_rbd.admin.command import add_command
 from csi_rbd.config import DEFAULT_DRIVER_NAME, ConfigError, DriverConfig, load_clusters
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default /var/lib/kubelet)",
     )
     parser.add_argument("--max-volumes-per-node", type=int, default=0)
+    parser.add_argument(
+        "--metrics-address", help="host:port (e.g. :8080) serving /metrics and /healthz"
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -53,6 +56,7 @@ def build_config(args: argparse.Namespace) -> DriverConfig:
         state_dir=args.state_dir or data_dir / "node",
         allowed_roots=tuple(args.allowed_root or [Path("/var/lib/kubelet")]),
         max_volumes_per_node=args.max_volumes_per_node,
+        metrics_address=args.metrics_address,
     )
 
 
@@ -65,7 +69,13 @@ def build_engines(config: DriverConfig) -> Mapping[str, Engine]:
             assert cluster.data_dir is not None
             engines[cluster.id] = NativeEngine(cluster.id, cluster.data_dir, cluster.pool)
         else:
-            raise ConfigError(f"cluster {cluster.id}: the ceph engine is not available yet")
+            from csi_rbd.engine.ceph import bindings
+            from csi_rbd.engine.ceph.engine import CephEngine
+
+            missing = bindings.available()
+            if missing is not None:
+                raise ConfigError(f"cluster {cluster.id}: the ceph engine cannot load: {missing}")
+            engines[cluster.id] = CephEngine.from_config(cluster)
     return engines
 
 
@@ -84,5 +94,34 @@ def run(args: argparse.Namespace) -> int:
         node_service.recover()
     from csi_rbd.csi.server import DriverServer
 
-    DriverServer(config, engines, node_service).serve_until_signal()
+    server = DriverServer(config, engines, node_service)
+    http = _start_metrics(config, engines) if config.metrics_address else None
+    try:
+        server.serve_until_signal()
+    finally:
+        if http is not None:
+            http.stop()
     return 0
+
+
+def _start_metrics(config: DriverConfig, engines: Mapping[str, Engine]) -> Any:
+    """/metrics and /healthz (ready when every engine answers)."""
+    from csi_rbd.engine.figures import engine_figures
+    from csi_rbd.metrics import Metrics, set_default_metrics
+
+    metrics = Metrics(
+        driver_name=config.driver_name,
+        version=config.version,
+        mode=config.mode,
+        node_id=config.node_id,
+    )
+    set_default_metrics(metrics)
+    metrics.set_engine_figures(lambda: engine_figures(engines))
+
+    def ready() -> bool:
+        for engine in engines.values():
+            engine.probe()
+        return True
+
+    assert config.metrics_address is not None
+    return metrics.start_http(config.metrics_address, ready)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,8 @@ from csi_rbd.engine import errors
 from csi_rbd.engine.base import Engine
 from csi_rbd.ids import VOLUME_PREFIX, ResourceId
 from csi_rbd.locks import OperationLocks
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 1 << 30
 SNAPSHOT_NAME = "csi-snap"  # the one snapshot inside every snapshot image
@@ -225,8 +228,8 @@ class VolumeService:
                     created = True
                     self._make_image(engine, cluster, ioctx, rid, params, request)
                 self._drop_clone_temporary(engine, cluster, rid, request)
-                self._settle(engine, cluster, ioctx, rid, params)
-                return self._volume(engine, rid, ioctx, reservation)
+                self._limit_depth(engine, cluster, ioctx, rid, request)
+                volume = self._volume(engine, rid, ioctx, reservation)
             except BaseException:
                 if created or fresh:
                     with contextlib.suppress(Exception):
@@ -236,6 +239,30 @@ class VolumeService:
                     with contextlib.suppress(Exception):
                         journal.release(reservation)
                 raise
+        self._mark_thick_provisioned(params)
+        return volume
+
+    def _mark_thick_provisioned(self, params: parameters.VolumeParameters) -> None:
+        """discard=ignore: annotate the PVC so KubeVirt leaves discard off for its disk.
+
+        Best effort: the data path drops discards anyway, so a failure here (no
+        API server, no RBAC) is logged, never a failed CreateVolume.
+        """
+        if params.discard != "ignore" or not (params.pvc_name and params.pvc_namespace):
+            return
+        try:
+            from csi_rbd import kube
+
+            kube.annotate_thick_provisioned(
+                params.pvc_namespace, params.pvc_name, self.config.driver_name
+            )
+        except Exception as exc:  # the kubernetes client raises many kinds
+            log.warning(
+                "could not annotate PVC %s/%s as thick-provisioned: %s",
+                params.pvc_namespace,
+                params.pvc_name,
+                exc,
+            )
 
     def _check_topology(
         self, engine: Engine, requisite: tuple[Mapping[str, str], ...] | None
@@ -370,26 +397,14 @@ class VolumeService:
             if image.size() < size:
                 image.resize(size)
 
-    def _settle(
-        self,
-        engine: Engine,
-        cluster: Any,
-        ioctx: Any,
-        rid: ResourceId,
-        params: parameters.VolumeParameters,
+    @staticmethod
+    def _limit_depth(
+        engine: Engine, cluster: Any, ioctx: Any, rid: ResourceId, request: CreateVolumeRequest
     ) -> None:
-        """Record the mutable parameters; flatten a clone whose chain got too deep."""
+        """Flatten a new clone whose chain of parents got too deep to read through."""
+        if not (request.source_snapshot or request.source_volume):
+            return
         name = rid.volume_image()
-        with engine.open_image(ioctx, name) as image:
-            meta = dict(image.metadata_list())
-            wanted = {
-                _METADATA["cache"]: params.cache,
-                _METADATA["discard"]: params.discard,
-                "csi.mkfsOptions": params.context()["mkfsOptions"],
-            }
-            for key, value in wanted.items():
-                if key not in meta:
-                    image.metadata_set(key, value)
         if images.clone_depth(engine, cluster, rid.pool, name) > images.MAX_CLONE_DEPTH:
             with engine.open_image(ioctx, name) as image:
                 image.flatten()

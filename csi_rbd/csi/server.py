@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from csi_rbd import metrics
 from csi_rbd._proto import csi_pb2_grpc
 from csi_rbd.config import DriverConfig
 from csi_rbd.control.snapshots import SnapshotService
@@ -55,8 +56,9 @@ class LoggingInterceptor(grpc.ServerInterceptor):
                 code = context.code().name if context.code() else "UNKNOWN"
                 raise
             finally:
-                elapsed = (time.monotonic() - started) * 1000
-                log.info("[%d] %s %s in %.1f ms", request_id, method, code, elapsed)
+                elapsed = time.monotonic() - started
+                log.info("[%d] %s %s in %.1f ms", request_id, method, code, elapsed * 1000)
+                metrics.observe_rpc(method, code, elapsed)
 
         return grpc.unary_unary_rpc_method_handler(
             logged,

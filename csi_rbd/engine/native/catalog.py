@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS children (
     pending_pid INTEGER,
     PRIMARY KEY (parent_image, parent_snap, child_pool, child_image)
 );
+CREATE INDEX IF NOT EXISTS children_by_child ON children (child_pool, child_image);
 CREATE TABLE IF NOT EXISTS metadata (
     image_id TEXT NOT NULL,
     key TEXT NOT NULL,

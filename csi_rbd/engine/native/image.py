@@ -694,7 +694,7 @@ class Image:
             raise errors.ImageBusy(f"snapshot {name} is already protected")
         if not protected and not snap.protected:
             raise errors.InvalidArgument(f"snapshot {name} is not protected")
-        if not protected and layering.live_children(self._ioctx, self._record.id, snap.id):
+        if not protected and layering.has_live_children(self._ioctx, self._record.id, snap.id):
             raise errors.ImageBusy(f"snapshot {name} has clones; flatten or remove them first")
         with self._ioctx.catalog.transaction() as db:
             db.execute(

@@ -48,11 +48,19 @@ DELETE_LINK = (
 
 def live_children(ioctx: IoCtx, image_id: str, snap_id: int | None) -> list[tuple[str, str]]:
     """(child pool, child image id) of live links; stale ones are dropped."""
-    found: list[tuple[str, str]] = []
+    return list(_live_links(ioctx, image_id, snap_id))
+
+
+def has_live_children(ioctx: IoCtx, image_id: str, snap_id: int | None) -> bool:
+    """Whether any link is live; stops at the first one (purges ask this often)."""
+    return next(_live_links(ioctx, image_id, snap_id), None) is not None
+
+
+def _live_links(ioctx: IoCtx, image_id: str, snap_id: int | None) -> Iterator[tuple[str, str]]:
     for parent_snap, child_pool, child_id, pending_pid in ioctx.catalog.children(image_id, snap_id):
         key = (image_id, parent_snap, child_pool, child_id)
         if pending_pid is not None and process_alive(pending_pid):
-            found.append((child_pool, child_id))
+            yield child_pool, child_id
             continue
         spec = ParentSpec(ioctx.name, image_id, parent_snap)
         try:
@@ -60,7 +68,6 @@ def live_children(ioctx: IoCtx, image_id: str, snap_id: int | None) -> list[tupl
         except errors.ObjectNotFound:
             child_ioctx = None
         if spec in references(child_ioctx, child_id):
-            found.append((child_pool, child_id))
             if pending_pid is not None:
                 with ioctx.catalog.transaction() as db:
                     db.execute(
@@ -68,10 +75,10 @@ def live_children(ioctx: IoCtx, image_id: str, snap_id: int | None) -> list[tupl
                         "parent_snap = ? AND child_pool = ? AND child_image = ?",
                         key,
                     )
+            yield child_pool, child_id
             continue
         with ioctx.catalog.transaction() as db:
             db.execute(DELETE_LINK, key)
-    return found
 
 
 def references(child: IoCtx | None, child_id: str) -> set[ParentSpec]:
@@ -142,7 +149,7 @@ def purge_trashed_snapshot(ioctx: IoCtx, image_id: str, snap_id: int) -> None:
         snap = ioctx.catalog.snapshot_by_id(image_id, snap_id)
     except errors.ImageNotFound:
         snap = None
-    if snap is not None and snap.trashed and not live_children(ioctx, image_id, snap_id):
+    if snap is not None and snap.trashed and not has_live_children(ioctx, image_id, snap_id):
         store = ObjectStore(ioctx.image_directory(image_id))
         store.ensure_directory()
         header = ImageHeader(store.directory / "header", ioctx.rados.lock_timeout)
@@ -170,7 +177,7 @@ def purge_trashed_image(ioctx: IoCtx, image_id: str) -> bool:
     if not record.trashed:
         return False
     snaps = ioctx.catalog.snapshots(image_id, include_trashed=True)
-    if any(live_children(ioctx, image_id, s.id) for s in snaps):
+    if any(has_live_children(ioctx, image_id, s.id) for s in snaps):
         return False
     remove_image(ioctx, record)
     return True

@@ -103,7 +103,7 @@ class RBD:
         snaps = ioctx.catalog.snapshots(record.id, include_trashed=True)
         if any(not s.trashed for s in snaps):
             raise errors.ImageHasSnapshots(f"image {name} has snapshots; remove them first")
-        if any(layering.live_children(ioctx, record.id, s.id) for s in snaps):
+        if any(layering.has_live_children(ioctx, record.id, s.id) for s in snaps):
             raise errors.ImageBusy(
                 f"image {name} has clones; flatten or remove them first, or move it to the trash"
             )
