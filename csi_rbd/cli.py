@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from csi_rbd import __version__, serve
-from csi_rbd.admin import clones, diffs, images, pools, snaps, transfer
+from csi_rbd.admin import clones, diffs, images, nbd, pools, qemu, snaps, transfer
 from csi_rbd.admin.command import add_output_options
 from csi_rbd.admin.context import DATA_DIR_ENV, DEFAULT_DATA_DIR, Context
 from csi_rbd.admin.errors import CliError
@@ -48,6 +48,8 @@ GROUPS: list[tuple[str, str, tuple[Registrar, ...]]] = [
     ),
     ("snap", "manage snapshots", (snaps.register,)),
     ("pool", "manage pools", (pools.register,)),
+    ("qemu", "give volumes to QEMU", (qemu.register,)),
+    ("nbd", "serve images over NBD", (nbd.register,)),
 ]
 
 # `csi-rbd COMMAND ...`: top-level commands (the place for `serve`).

@@ -87,6 +87,7 @@ class Supervisor:
         *,
         read_only: bool,
         discard: str,
+        cache: str = "none",
         ready_file: Path,
         log_file: Path,
     ) -> int:
@@ -113,6 +114,8 @@ class Supervisor:
             mountpoint,
             "--discard",
             discard,
+            "--cache",
+            cache,
             "--ready-file",
             str(ready_file),
         ]

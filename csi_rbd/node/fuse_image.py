@@ -7,6 +7,9 @@ by what the loop driver sends (Linux ``drivers/block/loop.c``):
   them O_DIRECT; every open is answered ``direct_io`` so that no page cache
   sits between the loop device and the engine, whoever opens the file);
 * ``REQ_OP_FLUSH`` becomes ``fsync`` -> ``image.flush()`` (so does a close);
+  the attach daemon serves a :class:`csi_rbd.node.cache.CachedImage`, whose
+  flush writes back its dirty data first, so a flush the kernel sends makes
+  everything written before it durable in every cache mode;
 * ``REQ_OP_DISCARD`` becomes ``fallocate(PUNCH_HOLE|KEEP_SIZE)``, and so does
   ``REQ_OP_WRITE_ZEROES`` without ``REQ_NOUNMAP`` (what ext4's zero-out and
   mke2fs use). The two cannot be told apart here, so a punched range must

@@ -4,7 +4,8 @@ Design
 ------
 A staged volume is a stack, bottom up::
 
-    engine image  <-  attach daemon (FUSE, <state>/fuse/<name>/image)
+    engine image  <-  attach daemon (block cache of the volume's mode, then
+                      FUSE, <state>/fuse/<name>/image)
                   <-  loop device (losetup --direct-io=on over that file)
                   <-  filesystem mounted at <staging>/mount   (filesystem volumes)
                       or the device bound onto <staging>/device (block volumes)
@@ -66,6 +67,7 @@ from pathlib import Path
 
 from csi_rbd.engine.base import ImageLocator
 from csi_rbd.node import health, loop, mounts
+from csi_rbd.node.cache import MODES as CACHE_MODES
 from csi_rbd.node.daemon_protocol import DISCARD_MODES
 from csi_rbd.node.daemons import Supervisor, find_daemons
 from csi_rbd.node.errors import (
@@ -172,12 +174,15 @@ class NodeStager:
         mount_flags: Sequence[str],
         read_only: bool,
         discard: str = "unmap",
+        cache: str = "none",
     ) -> None:
         """Attach the image and mount it (or expose the device) under ``staging_path``.
 
         ``locator`` must name a native-engine image (``data_dir`` set);
         ``mkfs_options`` is a shell-quoted string or an argument list, used only
-        when the device is blank.
+        when the device is blank. ``cache`` is the attach daemon's cache mode
+        (librbd's meaning: ``none``, ``writethrough`` or ``writeback``); like
+        ``discard`` it is recorded, and a repeated stage must ask for the same.
         """
         staging = self.check_path(staging_path)
         if locator.engine != "native" or not locator.data_dir:
@@ -187,6 +192,8 @@ class NodeStager:
             )
         if discard not in DISCARD_MODES:
             raise InvalidRequest(f"discard mode must be one of {DISCARD_MODES}, not {discard!r}")
+        if cache not in CACHE_MODES:
+            raise InvalidRequest(f"cache mode must be one of {CACHE_MODES}, not {cache!r}")
         fstype = None if block else (fstype or None)
         if fstype is not None and fstype not in mounts.SUPPORTED_FILESYSTEMS:
             raise InvalidRequest(
@@ -205,6 +212,7 @@ class NodeStager:
             read_only=read_only,
             discard=discard,
             fuse_mountpoint=self._fuse_mountpoint(volume_id),
+            cache=cache,
         )
         with self._volume(volume_id):
             existing = load_stash(staging)
@@ -255,6 +263,7 @@ class NodeStager:
             record.fuse_mountpoint,
             read_only=record.read_only,
             discard=record.discard,
+            cache=record.cache,
             ready_file=self._run_file(record.volume_id, "ready"),
             log_file=self._run_file(record.volume_id, "log"),
         )
@@ -280,6 +289,18 @@ class NodeStager:
             record.mount_flags,
             read_only=record.read_only,
         )
+        self._grow_xfs_online(record, device.path)
+
+    @staticmethod
+    def _grow_xfs_online(record: StageRecord, device: str) -> None:
+        """A volume made larger than its source (a restore or clone) shows its full
+        size at publish: xfs grows only while mounted, so grow it right after the mount."""
+        if record.actual_fstype != "xfs" or record.read_only:
+            return
+        try:
+            mounts.grow_filesystem(device, record.mount_dir, "xfs")
+        except NodeError as exc:
+            log.warning("could not grow %s: %s", record.volume_id, exc)
 
     @staticmethod
     def _grow_offline(record: StageRecord, device: str) -> None:
@@ -676,7 +697,7 @@ def _condition(problems: list[str]) -> tuple[bool, str]:
 def _require_same_stage(existing: StageRecord, wanted: StageRecord) -> None:
     differences = [
         name
-        for name in ("locator", "block", "mount_flags", "read_only", "discard")
+        for name in ("locator", "block", "mount_flags", "read_only", "discard", "cache")
         if getattr(existing, name) != getattr(wanted, name)
     ]
     if wanted.fstype not in (None, existing.fstype, existing.actual_fstype):

@@ -80,6 +80,7 @@ class StageRecord:
     discard: str
     fuse_mountpoint: str
     state: str = "staging"
+    cache: str = "none"  # the attach daemon's cache mode (none, writethrough, writeback)
     actual_fstype: str | None = None  # what the device holds
     daemon_pid: int | None = None
     loop_device: str | None = None

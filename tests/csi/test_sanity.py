@@ -1462,16 +1462,7 @@ def test_expand_lifecycle(r: Resources, kind: str) -> None:
     "kind",
     [
         "ext4",
-        pytest.param(
-            "xfs",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "driver bug: an xfs volume made larger than its source is mounted without "
-                    "growing the filesystem (the stager grows only ext4, offline, at stage)"
-                ),
-            ),
-        ),
+        "xfs",
     ],
 )
 def test_larger_than_source(r: Resources, kind: str, source: str) -> None:
