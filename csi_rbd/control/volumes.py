@@ -303,6 +303,32 @@ class VolumeService:
         if engine.kind == "native" and size > free * 1024:
             raise Exhausted(f"{size} bytes is far beyond the {free} bytes free on this node")
 
+    def _source(
+        self,
+        engine: Engine,
+        cluster: Any,
+        ioctx: Any,
+        params: parameters.VolumeParameters,
+        request: CreateVolumeRequest,
+    ) -> tuple[Any, str, int]:
+        """(pool handle, image name, new size) of the request's content source."""
+        kind = "snapshot" if request.source_snapshot else "volume"
+        source_id = request.source_snapshot or request.source_volume
+        assert source_id
+        source = images.decode(source_id, kind)
+        if source.cluster != params.cluster_id:
+            raise InvalidRequest(
+                f"{kind} {source_id} is in cluster {source.cluster}, "
+                f"the volume would be in {params.cluster_id}"
+            )
+        source_ioctx = cluster.open_ioctx(source.pool) if source.pool != params.pool else ioctx
+        name = source.snapshot_image() if kind == "snapshot" else source.volume_image()
+        if not images.image_exists(engine, source_ioctx, name):
+            raise NotFound(f"{kind} {source_id} does not exist")
+        source_size = images.image_size(engine, source_ioctx, name)
+        size = choose_size(request.required_bytes, request.limit_bytes, source_size)
+        return source_ioctx, name, size
+
     def _clone_snapshot(
         self,
         engine: Engine,
@@ -312,19 +338,7 @@ class VolumeService:
         params: parameters.VolumeParameters,
         request: CreateVolumeRequest,
     ) -> None:
-        assert request.source_snapshot
-        source = images.decode(request.source_snapshot, "snapshot")
-        if source.cluster != params.cluster_id:
-            raise InvalidRequest(
-                f"snapshot {request.source_snapshot} is in cluster {source.cluster}, "
-                f"the volume would be in {params.cluster_id}"
-            )
-        source_ioctx = cluster.open_ioctx(source.pool) if source.pool != params.pool else ioctx
-        snap_image = source.snapshot_image()
-        if not images.image_exists(engine, source_ioctx, snap_image):
-            raise NotFound(f"snapshot {request.source_snapshot} does not exist")
-        source_size = images.image_size(engine, source_ioctx, snap_image)
-        size = choose_size(request.required_bytes, request.limit_bytes, source_size)
+        source_ioctx, snap_image, size = self._source(engine, cluster, ioctx, params, request)
         engine.rbd.clone(
             source_ioctx,
             snap_image,
@@ -345,19 +359,7 @@ class VolumeService:
         params: parameters.VolumeParameters,
         request: CreateVolumeRequest,
     ) -> None:
-        assert request.source_volume
-        source = images.decode(request.source_volume, "volume")
-        if source.cluster != params.cluster_id:
-            raise InvalidRequest(
-                f"volume {request.source_volume} is in cluster {source.cluster}, "
-                f"the clone would be in {params.cluster_id}"
-            )
-        source_ioctx = cluster.open_ioctx(source.pool) if source.pool != params.pool else ioctx
-        source_image = source.volume_image()
-        if not images.image_exists(engine, source_ioctx, source_image):
-            raise NotFound(f"volume {request.source_volume} does not exist")
-        source_size = images.image_size(engine, source_ioctx, source_image)
-        size = choose_size(request.required_bytes, request.limit_bytes, source_size)
+        source_ioctx, source_image, size = self._source(engine, cluster, ioctx, params, request)
         temporary = f"csi-clone-{rid.uuid}"
         with engine.open_image(source_ioctx, source_image) as image:
             if temporary not in [s["name"] for s in image.list_snaps()]:

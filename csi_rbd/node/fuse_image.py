@@ -59,6 +59,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy
 
 from csi_rbd.engine import errors as engine_errors
+from csi_rbd.node.cache import ObjectLocks
 from csi_rbd.node.daemon_protocol import DISCARD_MODES
 
 IMAGE_NAME = "image"
@@ -106,44 +107,6 @@ def _pin_thread_state() -> None:
     if not getattr(_pinned, "done", False):
         ctypes.pythonapi.PyGILState_Ensure()
         _pinned.done = True
-
-
-class ObjectLocks:
-    """Striped mutexes over the image's objects: one request per object at a time.
-
-    The native engine's object lookup cache is not safe for concurrent first
-    accesses to one object: a reader (or writer) that probed the disk before
-    another thread created the object can store its stale "no object" result
-    over the new entry, and the next write then creates the object again,
-    dropping what was written to it meanwhile (observed: 1 MiB of a 16 MiB
-    O_DIRECT write to the loop device read back as zeros in about one run of
-    ten). Requests on different objects still run in parallel.
-    """
-
-    def __init__(self, object_size: int, stripes: int = 256) -> None:
-        self._shift = max(object_size, 1).bit_length() - 1
-        self._locks = [threading.Lock() for _ in range(stripes)]
-
-    def acquire(self, offset: int, length: int) -> list[threading.Lock]:
-        first = offset >> self._shift
-        last = (offset + max(length, 1) - 1) >> self._shift
-        count = len(self._locks)
-        if first == last:  # the common case: one object
-            lock = self._locks[first % count]
-            lock.acquire()
-            return [lock]
-        if last - first + 1 >= count:
-            held = self._locks
-        else:
-            held = [self._locks[i] for i in sorted({n % count for n in range(first, last + 1)})]
-        for lock in held:
-            lock.acquire()
-        return held
-
-    @staticmethod
-    def release(held: list[threading.Lock]) -> None:
-        for lock in reversed(held):
-            lock.release()
 
 
 def _fail(code: int) -> mfusepy.FuseOSError:
