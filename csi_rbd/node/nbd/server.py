@@ -1,8 +1,9 @@
-"""The NBD server: a listening socket, one thread per connection, one worker pool.
+"""The NBD server: a listening socket, a thread per connection, one worker pool.
 
 It listens on a unix socket or on 127.0.0.1 only (NBD has no authentication
 here, so nothing beyond the node may reach it). Each accepted connection gets
-a thread that runs the handshake (bounded by a timeout) and then the
+a thread (reused across connections, see :class:`.workers.Runners`) that runs
+the handshake (bounded by a timeout) and then the
 transmission loop; requests that need engine I/O go to a pool shared by all
 connections, which all use the export's one cache. A connection that breaks
 the protocol is dropped alone: its in-flight requests finish, nothing it did
@@ -23,17 +24,19 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from dataclasses import dataclass
 
 from csi_rbd.node.nbd.export import Export
 from csi_rbd.node.nbd.handshake import ProtocolError, negotiate
 from csi_rbd.node.nbd.stream import ConnectionClosed, SocketReader
 from csi_rbd.node.nbd.transmission import Connection
-from csi_rbd.node.nbd.workers import WorkerPool
+from csi_rbd.node.nbd.workers import Runners, WorkerPool
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+_STOP_GRACE = 10.0  # seconds connections get to answer in-flight requests on stop
 
 
 @dataclass(frozen=True)
@@ -59,18 +62,21 @@ class NbdServer:
         workers: int = 8,
         max_connections: int = 64,
         handshake_timeout: float = 10.0,
+        stop_grace: float = _STOP_GRACE,
     ) -> None:
         self.export = export
         self.address = address
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.stop_grace = stop_grace
         self._workers = workers
         self._listener: socket.socket | None = None
         self._pool: WorkerPool | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._accepter: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._connections: dict[socket.socket, threading.Event] = {}  # set when done
+        self._runners = Runners(max_connections)
         self._stopping = False
         self.bound_port: int | None = None
 
@@ -101,8 +107,13 @@ class NbdServer:
         for sock, _ in connections:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)
-        for _, thread in connections:
-            thread.join()
+        deadline = time.monotonic() + self.stop_grace
+        for sock, done in connections:
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                with contextlib.suppress(OSError):  # stuck sending to a client not reading
+                    sock.shutdown(socket.SHUT_RDWR)
+                done.wait()
+        self._runners.close()
         if self._pool is not None:
             self._pool.close()
         self._wakeup_r.close()
@@ -170,11 +181,18 @@ class NbdServer:
                 log.warning("refusing connection from %s: too many connections", name)
                 sock.close()
                 return
-            thread = threading.Thread(
-                target=self._serve_connection, args=(sock, name), name=f"nbd {name}", daemon=True
-            )
-            self._connections[sock] = thread
-        thread.start()
+            done = self._connections[sock] = threading.Event()
+
+        def serve() -> None:
+            try:
+                self._serve_connection(sock, name)
+            finally:
+                done.set()
+
+        if not self._runners.run(serve):  # cannot happen below max_connections
+            with self._lock:
+                del self._connections[sock]
+            sock.close()
 
     # -- one connection ----------------------------------------------------------------
     def _serve_connection(self, sock: socket.socket, peer: str) -> None:

@@ -39,3 +39,59 @@ class WorkerPool:
                 call()
             except Exception:  # calls handle their own errors; never lose a worker
                 log.exception("NBD worker call failed")
+
+
+class Runners:
+    """Long-lived threads for long jobs (connections): a new one only when none is idle.
+
+    The threads never exit before :meth:`close`, so the set of OS threads that
+    ever call the engine stays as small as the peak of concurrent connections.
+    That matters: the native engine keeps one descriptor per OS thread that did
+    I/O on an image until the image is closed, so a thread per connection would
+    leak one descriptor per connection.
+    """
+
+    def __init__(self, limit: int, name: str = "nbd-connection") -> None:
+        self._limit = limit
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads: list[threading.Thread] = []
+
+    def run(self, job: Callable[[], None]) -> bool:
+        """Start ``job`` on an idle thread or a new one; False at the limit."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # that thread is now reserved for this job
+            elif len(self._threads) < self._limit:
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            else:
+                return False
+        self._jobs.put(job)
+        return True
+
+    def close(self) -> None:
+        """Stop every thread once its job is done."""
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(None)
+        for thread in threads:
+            thread.join()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:
+                log.exception("NBD connection job failed")
+            with self._lock:
+                self._idle += 1
