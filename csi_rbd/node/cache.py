@@ -537,7 +537,7 @@ class CachedImage:
                 if not taken:
                     continue
                 for at, data in extents:
-                    self.image.write(data, at)
+                    self.image.write(self._engine_data(data, memoryview(data)), at)
                 with self._lock:
                     self._pages.written(taken)
                     self.written_back += sum(len(data) for _, data in extents)

@@ -26,11 +26,16 @@ from collections.abc import Callable, Iterable
 
 PAGE = 4096
 Interval = tuple[int, int]
+# The intervals of a wholly dirty page. Interval lists are never changed in
+# place (the helpers below return new ones), so pages may share this one.
+FULL: list[Interval] = [(0, PAGE)]
 
 
 # -- byte intervals within a page: sorted, disjoint, not touching ----------------------
 def add_interval(intervals: list[Interval], lo: int, hi: int) -> tuple[list[Interval], int]:
     """``intervals`` with [lo, hi) added, and how many bytes were new."""
+    if lo == 0 and hi == PAGE:
+        return FULL, PAGE - sum(e - s for s, e in intervals)
     result: list[Interval] = []
     before = 0
     for start, end in intervals:
@@ -79,7 +84,7 @@ class DirtyPage:
         self.since = since
 
 
-Snapshot = tuple[list[tuple[int, int]], list[tuple[int, bytes]]]
+Snapshot = tuple[list[tuple[int, int]], list[tuple[int, bytearray]]]
 
 
 class PageStore:
@@ -176,12 +181,26 @@ class PageStore:
     def store(self, view: memoryview, offset: int, now: float) -> None:
         """Take a write as dirty data."""
         pos = 0
+        dirty, clean = self.dirty, self.clean
         for index, lo, hi in self._pieces(offset, len(view)):
             chunk = view[pos : pos + hi - lo]
             pos += hi - lo
-            page = self.dirty.get(index)
+            page = dirty.get(index)
+            if hi - lo == PAGE:  # a whole page: the common case of larger writes
+                if page is None:
+                    clean.pop(index, None)
+                    page = dirty[index] = DirtyPage(bytearray(chunk), True, now)
+                    self.dirty_bytes += PAGE
+                else:
+                    page.data[:] = chunk
+                    page.complete = True
+                    if page.intervals is not FULL:
+                        self.dirty_bytes += PAGE - sum(e - s for s, e in page.intervals)
+                page.intervals = FULL
+                page.gen += 1
+                continue
             if page is None:
-                old = self.clean.pop(index, None)
+                old = clean.pop(index, None)
                 if old is not None:
                     data = bytearray(old)
                     complete = True
@@ -189,12 +208,12 @@ class PageStore:
                     data = bytearray(PAGE)
                     complete = lo == 0 and (hi == PAGE or index * PAGE + hi >= self.size)
                 data[lo:hi] = chunk
-                page = self.dirty[index] = DirtyPage(data, complete, now)
+                page = dirty[index] = DirtyPage(data, complete, now)
                 page.intervals = [(lo, hi)]
                 self.dirty_bytes += hi - lo
             else:
                 page.data[lo:hi] = chunk
-                if page.intervals[0] != (0, PAGE):
+                if page.intervals is not FULL:
                     page.intervals, added = add_interval(page.intervals, lo, hi)
                     self.dirty_bytes += added
             page.gen += 1
@@ -232,8 +251,14 @@ class PageStore:
 
     def _undirty(self, index: int, page: DirtyPage, lo: int, hi: int) -> None:
         """[lo, hi) of a dirty page is now what the engine holds."""
-        page.intervals, removed = remove_interval(page.intervals, lo, hi)
-        self.dirty_bytes -= removed
+        if lo == 0 and hi == PAGE:
+            self.dirty_bytes -= (
+                PAGE if page.intervals is FULL else sum(e - s for s, e in page.intervals)
+            )
+            page.intervals = []
+        else:
+            page.intervals, removed = remove_interval(page.intervals, lo, hi)
+            self.dirty_bytes -= removed
         page.gen += 1
         if not page.intervals:
             del self.dirty[index]
@@ -308,7 +333,8 @@ class PageStore:
             if allowed is not None and not allowed(index):
                 continue
             victims.append(index)
-            nbytes -= sum(e - s for s, e in page.intervals)
+            intervals = page.intervals
+            nbytes -= PAGE if intervals is FULL else sum(e - s for s, e in intervals)
             if nbytes <= 0:
                 break
         return victims
@@ -329,9 +355,11 @@ class PageStore:
         return None
 
     def snapshot(self, indexes: Iterable[int]) -> Snapshot:
-        """(page, generation) pairs taken, and the merged extents of their dirty bytes."""
+        """(page, generation) pairs taken, and the merged extents of their dirty bytes
+        (copies: the pages may change as soon as the state lock is let go)."""
         taken: list[tuple[int, int]] = []
         extents: list[tuple[int, bytearray]] = []
+        size = self.size
         for index in indexes:
             page = self.dirty.get(index)
             if page is None:
@@ -339,14 +367,15 @@ class PageStore:
             taken.append((index, page.gen))
             base = index * PAGE
             for lo, hi in page.intervals:
-                hi = min(hi, self.size - base)  # never past the end
+                hi = min(hi, size - base)  # never past the end
                 if lo >= hi:
                     continue
+                piece = memoryview(page.data)[lo:hi] if hi - lo < PAGE else page.data
                 if extents and extents[-1][0] + len(extents[-1][1]) == base + lo:
-                    extents[-1][1].extend(page.data[lo:hi])
+                    extents[-1][1].extend(piece)
                 else:
-                    extents.append((base + lo, bytearray(page.data[lo:hi])))
-        return taken, [(at, bytes(data)) for at, data in extents]
+                    extents.append((base + lo, bytearray(piece)))
+        return taken, extents
 
     def written(self, taken: list[tuple[int, int]]) -> None:
         """A snapshot reached the engine: pages unchanged since are clean."""

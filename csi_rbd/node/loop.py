@@ -26,7 +26,8 @@ from csi_rbd.node.errors import DataPathError, PreconditionFailed
 
 _SYS_BLOCK = Path("/sys/block")
 _BLKGETSIZE64 = 0x80081272
-_attach_lock = threading.Lock()  # one losetup --find at a time in this process
+_attach_lock = threading.Lock()
+_ATTACH_TRIES = 5  # one losetup --find at a time in this process
 
 
 @dataclass(frozen=True)
@@ -93,21 +94,37 @@ def find_by_backing_file(file: str | os.PathLike[str]) -> list[str]:
 
 
 def attach(file: str | os.PathLike[str], *, read_only: bool = False) -> LoopDevice:
-    """Attach ``file`` to a free loop device, with direct I/O unless the kernel refuses."""
+    """Attach ``file`` to a free loop device, with direct I/O unless the kernel refuses.
+
+    Other processes on the node attach loop devices too (``losetup --find``
+    is not atomic across processes): the result is checked (our file, a
+    non-zero size) and the attach tried again when another process won.
+    """
     path = os.path.abspath(file)
+    for _ in range(_ATTACH_TRIES):
+        info = _attach_once(path, read_only)
+        if info is not None:
+            return info
+        time.sleep(0.05)
+    raise DataPathError(f"could not attach {path} to a loop device: others kept taking it")
+
+
+def _attach_once(path: str, read_only: bool) -> LoopDevice | None:
     base = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
     with _attach_lock:
         try:
             device = run([*base, "--direct-io=on", path], timeout=30).stdout.strip()
         except CommandFailed as exc:
+            if "busy" in exc.stderr.lower():
+                return None
             if "direct" not in exc.stderr.lower() and "invalid argument" not in exc.stderr.lower():
                 raise
             device = run([*base, path], timeout=30).stdout.strip()
     if not device.startswith("/dev/loop"):
         raise DataPathError(f"losetup printed {device!r} for {path}")
     info = describe(device)
-    if info is None:
-        raise DataPathError(f"{device} vanished right after attaching {path}")
+    if info is None or info.backing_file != path or block_device_size(device) == 0:
+        return None
     return info
 
 

@@ -450,3 +450,41 @@ def test_empty_whole_object_diff(m: Any, ioctx: Any) -> None:
         with m.Image(ioctx, name) as image:
             image.diff_iterate(0, 0, None, lambda *extent: found.append(extent), whole_object=True)
     assert found == []
+
+
+def test_rollbacks_from_two_clients_keep_writers_writing(
+    m: Any, ioctx: Any, ceph_engine: Any, csi_secrets: dict[str, str]
+) -> None:
+    """Sequences the model found: rollbacks, snapshots and a failed flatten through
+    handles of two clients, then writes and flushes on either one."""
+    peer = ceph_engine.connect(csi_secrets)
+    peer_ioctx = peer.open_ioctx("rbd")
+    try:
+        for plan in (
+            [("admin", "create_snap", "s1"), ("head", "rollback_to_snap", "s0")],
+            [("admin", "rollback_to_snap", "s0"), ("head", "rollback_to_snap", "s0")],
+        ):
+            name = unique("a")
+            m.RBD().create(ioctx, name, 1, order=12)
+            with m.Image(ioctx, name) as image:
+                image.write(b"\x02", 0)
+                image.create_snap("s0")
+            handles = {"head": m.Image(ioctx, name), "admin": m.Image(peer_ioctx, name)}
+            try:
+                for who, operation, argument in plan:
+                    getattr(handles[who], operation)(argument)
+                with pytest.raises(errors.InvalidArgument):
+                    handles["head"].flatten()  # no parent
+                handles["head"].write(b"", 0)
+                handles["admin"].rollback_to_snap("s0")
+                handles["head"].write(b"y", 0)
+                handles["head"].flush()
+                assert handles["admin"].read(0, 1) == b"y"
+                handles["admin"].rollback_to_snap("s0")
+                assert handles["head"].read(0, 1) == b"\x02"
+            finally:
+                for handle in handles.values():
+                    handle.close()
+    finally:
+        peer_ioctx.close()
+        peer.shutdown()

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
@@ -133,14 +132,6 @@ class CephModel(EngineModel):
         assert handle.is_protected_snap(snap.name) == snap.protected
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "open: with a second handle on the peer connection, librbd refuses rollback and "
-        "flush while the other handle holds the exclusive lock (ReadOnlyImage, EROFS); the "
-        "native engine allows them. The model needs this documented difference."
-    ),
-)
 def test_ceph_engine_matches_model(ceph_cluster: CephCluster, ceph_engine: Any) -> None:
     import csi_rbd.engine.ceph as ceph
 

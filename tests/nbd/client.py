@@ -149,35 +149,35 @@ class Client:
                 raise AssertionError("use read() for simple read replies (length unknown here)")
             return reply
         assert magic == p.STRUCTURED_REPLY_MAGIC, hex(magic)
-        reply: Reply | None = None
+        chunked: Reply | None = None
         while True:
-            if reply is not None:
+            if chunked is not None:
                 (magic,) = struct.unpack(">I", self.recv_exactly(4))
                 assert magic == p.STRUCTURED_REPLY_MAGIC
             flags, kind, cookie, length = struct.unpack(">HHQI", self.recv_exactly(16))
             payload = self.recv_exactly(length)
-            if reply is None:
-                reply = Reply(cookie)
-            assert cookie == reply.cookie
-            reply.chunks.append(kind)
+            if chunked is None:
+                chunked = Reply(cookie)
+            assert cookie == chunked.cookie
+            chunked.chunks.append(kind)
             start = self._pending[cookie][1]
             if kind == p.REPLY_TYPE_OFFSET_DATA:
                 (offset,) = struct.unpack_from(">Q", payload)
-                self._place(reply, offset - start, payload[8:])
+                self._place(chunked, offset - start, payload[8:])
             elif kind == p.REPLY_TYPE_OFFSET_HOLE:
                 offset, size = struct.unpack(">QI", payload)
-                self._place(reply, offset - start, bytes(size))
+                self._place(chunked, offset - start, bytes(size))
             elif kind == p.REPLY_TYPE_BLOCK_STATUS:
                 count = (len(payload) - 4) // 8
-                reply.extents = [
+                chunked.extents = [
                     struct.unpack_from(">II", payload, 4 + 8 * i) for i in range(count)
                 ]
             elif kind & (1 << 15):
                 error, size = struct.unpack_from(">IH", payload)
-                reply.error, reply.message = error, payload[6 : 6 + size].decode()
+                chunked.error, chunked.message = error, payload[6 : 6 + size].decode()
             if flags & p.REPLY_FLAG_DONE:
                 self._pending.pop(cookie)
-                return reply
+                return chunked
 
     @staticmethod
     def _place(reply: Reply, at: int, data: bytes) -> None:

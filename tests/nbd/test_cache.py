@@ -16,7 +16,7 @@ from csi_rbd.node.cache import MODES, PAGE, CachedImage, open_cached
 from tests.nbd.conftest import MiB, create, engine_read, pattern, wait_for
 
 SIZE = 4 * MiB
-SMALL = {"max_dirty": 64 << 10, "target_dirty": 32 << 10, "cache_size": 128 << 10}
+SMALL: dict[str, Any] = {"max_dirty": 64 << 10, "target_dirty": 32 << 10, "cache_size": 128 << 10}
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def image(ioctx: IoCtx) -> Iterator[Image]:
         yield handle
 
 
-def cached(image: Image, mode: str, flushed: bool = True, **options: Any) -> CachedImage:
+def cached(image: Image, mode: str, *, flushed: bool = True, **options: Any) -> CachedImage:
     cache = open_cached(image, mode, **options)
     if flushed:
         cache.flush()  # writeback proper starts after the first flush

@@ -281,7 +281,7 @@ def test_read_only_exports(serve: Serve, disk: str, ioctx: IoCtx) -> None:
 def test_pipelined_requests_keep_order_for_overlaps(serve: Serve, disk: str) -> None:
     """Many requests in flight at once: a read after a write to the same bytes sees it."""
     with serve(disk, cache="writethrough") as served, served.connect() as client:
-        cookies = {}
+        cookies: dict[int, int | None] = {}
         for i in range(64):
             at = (i % 8) * 4096
             cookies[client.send_request(p.CMD_WRITE, at, 4096, 0, pattern(i, 4096))] = None
@@ -291,9 +291,9 @@ def test_pipelined_requests_keep_order_for_overlaps(serve: Serve, disk: str) -> 
         for _ in cookies:
             reply = client.recv_reply()
             assert not reply.error
-            i = cookies[reply.cookie]
-            if i is not None:
-                assert bytes(reply.data) == pattern(i, 4096), i
+            written = cookies[reply.cookie]
+            if written is not None:
+                assert bytes(reply.data) == pattern(written, 4096), written
 
 
 @pytest.mark.parametrize("cache", ["none", "writeback"])

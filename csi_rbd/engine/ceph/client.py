@@ -527,7 +527,10 @@ class Image:
         return self._locked_write(self.raw.write_zeroes, offset, length, zero_flags)
 
     def flush(self) -> None:
-        call(self.raw.flush)
+        if self._manual:
+            self._locked_write(self.raw.flush)
+        else:
+            call(self.raw.flush)
 
     def diff_iterate(
         self,
@@ -559,10 +562,15 @@ class Image:
     def _locked_write(self, operation: Callable[..., Any], *args: Any) -> Any:
         try:
             return call(operation, *args)
-        except errors.ReadOnlyImage:
+        except errors.ReadOnlyImage as exc:
             if self.read_only:
                 raise
-        # another client holds the lock (or our lock_acquire made writes need it)
+            if not self._manual:  # an automatic holder would have handed the lock over
+                raise errors.ImageBusy(
+                    "image is being written by another client (it holds the exclusive lock)",
+                    errno=errno.EBUSY,
+                ) from exc
+        # after lock_acquire librbd no longer takes the lock for writes: take it
         self.lock_acquire(RBD_LOCK_MODE_EXCLUSIVE)
         return call(operation, *args)
 
@@ -570,21 +578,23 @@ class Image:
         """Roll the head back from any read-write handle.
 
         librbd does not ask the lock holder to roll back (as it does for other
-        maintenance operations): it needs the exclusive lock itself. A handle
-        that lacks it takes it for the rollback (an automatic holder hands it
-        over) and gives it back afterwards.
+        maintenance operations): the handle needs the exclusive lock itself,
+        and taking it with ``lock_acquire`` would leave that handle in librbd's
+        manual lock mode for good. So a handle without the lock rolls back
+        through a temporary handle that takes the lock (an automatic holder
+        hands it over; an explicit one makes this ``ImageBusy``) and lets go
+        of it when it closes.
         """
-
-        def attempt() -> None:
-            try:
-                call(self.raw.rollback_to_snap, name)
-            except errors.ReadOnlyImage:
-                if self.read_only:
-                    raise
-                self.lock_acquire(RBD_LOCK_MODE_EXCLUSIVE)
-                call(self.raw.rollback_to_snap, name)
-
-        self._maintenance(attempt)
+        if self.read_only:
+            raise errors.ReadOnlyImage("image is open read-only (or at a snapshot)")
+        try:
+            self._maintenance(call, self.raw.rollback_to_snap, name)
+            return
+        except errors.ReadOnlyImage:
+            pass
+        with Image(self.ioctx, image_id=str(call(self.raw.id))) as helper:
+            helper.lock_acquire(RBD_LOCK_MODE_EXCLUSIVE)
+            call(helper.raw.rollback_to_snap, name)
 
     def _maintenance(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run an image operation without keeping a lock it made this handle take.

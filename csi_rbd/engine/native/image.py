@@ -110,6 +110,7 @@ class Image:
         self._header = ImageHeader(self._store.directory / "header", ioctx.rados.lock_timeout)
         self._cow_lock = threading.RLock()
         self._state_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._cache: dict[int, Version | None] = {}
         self._caching = self._snap is not None
         self._dirty: set[tuple[int, int]] = set()
@@ -433,15 +434,20 @@ class Image:
         return self.discard(offset, length)
 
     def flush(self) -> None:
-        """Make every acknowledged write durable."""
+        """Make every acknowledged write durable.
+
+        Flushes run one at a time: a flush that started while another was
+        fsyncing returns only after that one, whose set may hold its writes.
+        """
         self._require_open()
-        with self._state_lock:
-            dirty, self._dirty = self._dirty, set()
-            directory_dirty, self._directory_dirty = self._directory_dirty, False
-        for objno, epoch in dirty:
-            self._store.fsync_version(objno, epoch)
-        if directory_dirty:
-            self._store.fsync_directory()
+        with self._flush_lock:
+            with self._state_lock:
+                dirty, self._dirty = self._dirty, set()
+                directory_dirty, self._directory_dirty = self._directory_dirty, False
+            for objno, epoch in dirty:
+                self._store.fsync_version(objno, epoch)
+            if directory_dirty:
+                self._store.fsync_directory()
 
     def _note_dirty(self, objno: int, epoch: int) -> None:
         with self._state_lock:
