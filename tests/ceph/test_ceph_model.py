@@ -1,10 +1,19 @@
 """The Hypothesis state machine of :mod:`tests.engine.model`, on librbd (a short run).
 
 Every example gets two fresh RADOS namespaces (one in each pool), so image
-names and listings start empty without creating pools; image operations also
-run through a second, independent connection (``peer_ioctxs``), as another
-client would. Length: ``CSI_RBD_CEPH_MODEL_EXAMPLES`` (default 12) examples
-of ``CSI_RBD_CEPH_MODEL_STEPS`` (default 20) steps.
+names and listings start empty without creating pools. Length:
+``CSI_RBD_CEPH_MODEL_EXAMPLES`` (default 25) examples of
+``CSI_RBD_CEPH_MODEL_STEPS`` (default 30) steps.
+
+Image operations go through a second handle of the same connection; with
+``CSI_RBD_CEPH_MODEL_PEER=1`` through a second connection (another client)
+instead. That mode is not the default: with two librados clients in one
+process exchanging exclusive-lock requests, librbd 16.2.15 crashed about once
+in 30,000 steps in long runs here (SIGSEGV copying the config in
+``rbd_clone3``, an abort on ``std::system_error`` EINVAL from a background
+thread, once a deadlock in ``rbd_remove`` on a mutex owned by an exited
+thread); 40,000 steps with one client did not. The hand-over sequences
+themselves are tested in ``test_ceph_engine``.
 
 ``CephModel`` adapts the model where librbd legitimately differs (see
 ``LIBRBD_DIFFERENCES`` in :mod:`tests.ceph.test_ceph_conformance`):
@@ -44,8 +53,8 @@ from tests.engine.model import (
 )
 
 CEPH_MODEL_SETTINGS = settings(
-    max_examples=int(os.environ.get("CSI_RBD_CEPH_MODEL_EXAMPLES", 12)),
-    stateful_step_count=int(os.environ.get("CSI_RBD_CEPH_MODEL_STEPS", 20)),
+    max_examples=int(os.environ.get("CSI_RBD_CEPH_MODEL_EXAMPLES", 25)),
+    stateful_step_count=int(os.environ.get("CSI_RBD_CEPH_MODEL_STEPS", 30)),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -135,8 +144,10 @@ class CephModel(EngineModel):
 def test_ceph_engine_matches_model(ceph_cluster: CephCluster, ceph_engine: Any) -> None:
     import csi_rbd.engine.ceph as ceph
 
-    # two long-lived connections (two clients), fresh namespaces per example
-    connections = [ceph_engine.connect(ceph_cluster.csi_secrets) for _ in range(2)]
+    # long-lived connections (a second client with CSI_RBD_CEPH_MODEL_PEER=1),
+    # fresh namespaces per example
+    clients = 2 if os.environ.get("CSI_RBD_CEPH_MODEL_PEER") == "1" else 1
+    connections = [ceph_engine.connect(ceph_cluster.csi_secrets) for _ in range(clients)]
 
     def factory(_: Path) -> tuple[Any, Callable[[], None]]:
         namespace = "model-" + uuid.uuid4().hex[:12]
@@ -154,7 +165,7 @@ def test_ceph_engine_matches_model(ceph_cluster: CephCluster, ceph_engine: Any) 
             ioctx=ioctxs[0],
             second_ioctx=ioctxs[1],
             module=ceph,
-            peer_ioctxs=(ioctxs[2], ioctxs[3]),
+            peer_ioctxs=(ioctxs[2], ioctxs[3]) if clients == 2 else None,
         )
 
         def close() -> None:
