@@ -48,6 +48,26 @@ class ClusterConfig:
     pool: str = "rbd"
     rados_namespace: str = ""
 
+    def to_mapping(self) -> dict[str, Any]:
+        """The config file's shape (what :func:`cluster_from_mapping` reads back)."""
+        if self.engine == "native":
+            return {
+                "id": self.id,
+                "engine": "native",
+                "dataDir": str(self.data_dir),
+                "pool": self.pool,
+            }
+        mapping: dict[str, Any] = {
+            "id": self.id,
+            "engine": "ceph",
+            "monitors": list(self.monitors),
+            "pool": self.pool,
+            "radosNamespace": self.rados_namespace,
+        }
+        if self.conf is not None:
+            mapping["conf"] = str(self.conf)
+        return mapping
+
 
 @dataclass(frozen=True)
 class DriverConfig:
@@ -83,7 +103,7 @@ class DriverConfig:
         return self.mode in ("all", "node")
 
 
-def _cluster_from_mapping(raw: Any, where: str) -> ClusterConfig:
+def cluster_from_mapping(raw: Any, where: str) -> ClusterConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: a cluster must be a mapping")
     known = {"id", "engine", "dataDir", "monitors", "conf", "pool", "radosNamespace"}
@@ -138,7 +158,7 @@ def load_clusters(path: Path | None, data_dir: Path) -> tuple[ClusterConfig, ...
     if not isinstance(document, dict) or not isinstance(document.get("clusters"), list):
         raise ConfigError(f"{path}: expected a mapping with a 'clusters' list")
     clusters = tuple(
-        _cluster_from_mapping(raw, f"{path}: clusters[{i}]")
+        cluster_from_mapping(raw, f"{path}: clusters[{i}]")
         for i, raw in enumerate(document["clusters"])
     )
     if not clusters:

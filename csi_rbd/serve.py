@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from csi_rbd.admin.command import add_command
-from csi_rbd.config import DEFAULT_DRIVER_NAME, ConfigError, DriverConfig, load_clusters
+from csi_rbd.config import DEFAULT_DRIVER_NAME, DriverConfig, load_clusters
 from csi_rbd.engine.base import Engine
 
 if TYPE_CHECKING:
@@ -61,22 +61,9 @@ def build_config(args: argparse.Namespace) -> DriverConfig:
 
 
 def build_engines(config: DriverConfig) -> Mapping[str, Engine]:
-    engines: dict[str, Engine] = {}
-    for cluster in config.clusters:
-        if cluster.engine == "native":
-            from csi_rbd.engine.native.engine import NativeEngine
+    from csi_rbd.engine.factory import build_engine
 
-            assert cluster.data_dir is not None
-            engines[cluster.id] = NativeEngine(cluster.id, cluster.data_dir, cluster.pool)
-        else:
-            from csi_rbd.engine.ceph import bindings
-            from csi_rbd.engine.ceph.engine import CephEngine
-
-            missing = bindings.available()
-            if missing is not None:
-                raise ConfigError(f"cluster {cluster.id}: the ceph engine cannot load: {missing}")
-            engines[cluster.id] = CephEngine.from_config(cluster)
-    return engines
+    return {cluster.id: build_engine(cluster) for cluster in config.clusters}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -98,24 +98,22 @@ def volume_context(cluster: ClusterConfig, spec: ImageSpec) -> dict[str, str]:
     if not spec.image.startswith(VOLUME_PREFIX):
         return {}
     from csi_rbd.control.volumes import VolumeService
+    from csi_rbd.engine.factory import build_engine
     from csi_rbd.locks import OperationLocks
-    from csi_rbd.serve import build_engines
 
     config = DriverConfig(endpoint="", node_id="", clusters=(cluster,))
     try:
         volume_id = ResourceId(cluster.id, spec.pool, spec.image[len(VOLUME_PREFIX) :]).encode()
-        engines = build_engines(config)
+        engine = build_engine(cluster)
     except (BadId, ConfigError, ImportError):
         return {}
     try:
-        return dict(VolumeService(config, engines, OperationLocks()).get(volume_id).context)
+        service = VolumeService(config, {cluster.id: engine}, OperationLocks())
+        return dict(service.get(volume_id).context)
     except (ControlError, errors.Error):
         return {}
     finally:
-        for engine in engines.values():
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
+        engine.close()
 
 
 def _native_metadata(ctx: Context, spec: ImageSpec) -> dict[str, str]:
@@ -126,11 +124,10 @@ def _native_metadata(ctx: Context, spec: ImageSpec) -> dict[str, str]:
 
 def _ceph_metadata(cluster: ClusterConfig, spec: ImageSpec) -> dict[str, str]:
     """The image's metadata through the Ceph engine, if this installation has one."""
-    from csi_rbd.serve import build_engines
+    from csi_rbd.engine.factory import build_engine
 
-    config = DriverConfig(endpoint="", node_id="", clusters=(cluster,))
     try:
-        engine = build_engines(config)[cluster.id]
+        engine = build_engine(cluster)
         with engine.session(None) as handle:
             ioctx = handle.open_ioctx(spec.pool)
             with engine.open_image(ioctx, spec.image, read_only=True) as image:

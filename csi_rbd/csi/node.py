@@ -73,7 +73,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.config = config
         self.engines = engines
         self.locks = OperationLocks()
-        self.stager = stager or NodeStager(config.state_dir, config.allowed_roots)
+        self.stager = stager or NodeStager(
+            config.state_dir,
+            config.allowed_roots,
+            clusters={cluster.id: cluster for cluster in config.clusters},
+        )
 
     def recover(self) -> list[str]:
         """Re-attach what was staged before a restart."""
@@ -123,6 +127,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 read_only=read_only,
                 discard=discard,
                 cache=cache,
+                secrets=request.secrets,
             )
         return csi.NodeStageVolumeResponse()
 

@@ -48,8 +48,40 @@ class Engine(ABC):
     def probe(self) -> None:
         """Raise an engine error when the engine cannot serve."""
 
+    def close(self) -> None:  # noqa: B027 (optional hook: most engines hold nothing)
+        """Release what the engine keeps open between sessions."""
+
     def locator(self, pool: str, image: str) -> ImageLocator:
         return ImageLocator(self.cluster_id, self.kind, pool, image)
+
+    def for_data_path(self, cache: str) -> tuple[Engine, str]:
+        """(engine, cache mode of the node's own block cache) for serving one image.
+
+        ``cache`` is the volume's mode with librbd's meaning (none, writethrough,
+        writeback). By default the node's block cache implements it; an engine
+        with a cache of its own (librbd) returns itself configured for the mode
+        and ``"none"`` so that the data is cached once.
+        """
+        return self, cache
+
+    def data_path_settings(self, cluster: Any) -> dict[str, str]:
+        """Settings of a connected ``cluster`` that shape the data path (for the log)."""
+        return {}
+
+    def lock_owner(self, image: Any) -> str | None:
+        """Who holds ``image``'s exclusive lock, as :meth:`break_lock` takes it.
+
+        None by default: a native lock is an OFD lock that dies with its process.
+        """
+        return None
+
+    def break_lock(self, image: Any, owner: str) -> bool:
+        """Take the exclusive lock away from ``owner`` (a client known to be dead).
+
+        True when ``owner`` held it and no longer does; False when someone else
+        (or nobody) holds it. Never call this for a client that may be alive.
+        """
+        return False
 
     def open_image(self, ioctx: Any, name: str, **kwargs: Any) -> Any:
         return self.image_class(ioctx, name, **kwargs)

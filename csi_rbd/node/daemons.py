@@ -17,13 +17,26 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from csi_rbd.config import ClusterConfig
 from csi_rbd.engine.base import ImageLocator
 from csi_rbd.node import daemon_protocol as protocol
 from csi_rbd.node.errors import DataPathError, PreconditionFailed, VolumeNotFound
 
 _PROC = Path("/proc")
+_PIPE_CAPACITY = 65536  # Linux's default pipe buffer
+
+
+@dataclass(frozen=True)
+class Started:
+    """A daemon that serves: its pid and, on engines whose locks outlive a
+    killed client (Ceph), the lock owner to break if it dies."""
+
+    pid: int
+    lock_owner: str | None = None
 
 
 def _cmdline(pid: int) -> list[str] | None:
@@ -90,65 +103,98 @@ class Supervisor:
         cache: str = "none",
         ready_file: Path,
         log_file: Path,
-    ) -> int:
-        """Start a daemon and wait until it serves; its pid.
+        cluster: ClusterConfig | None = None,
+        secrets: Mapping[str, str] | None = None,
+        break_lock: str | None = None,
+    ) -> Started:
+        """Start a daemon and wait until it serves.
+
+        A native ``locator`` carries its data directory; any other needs
+        ``cluster`` (and ``secrets`` unless the cluster's conf file has a
+        keyring), handed over through a pipe: never on the command line, never
+        on disk. ``break_lock`` names the lock owner of a daemon known to be
+        dead (see :mod:`.attach_daemon`).
 
         PreconditionFailed when another writer holds the image, VolumeNotFound
         when the image does not exist, DataPathError for anything else.
         """
-        if not locator.data_dir:
-            raise DataPathError(f"{locator} has no data directory")
+        if cluster is None and not locator.data_dir:
+            raise DataPathError(f"{locator}: the node has no configuration for this cluster")
         ready_file.unlink(missing_ok=True)
         Path(mountpoint).mkdir(parents=True, exist_ok=True)
-        argv = [
-            self.python,
-            "-m",
-            protocol.MODULE,
-            "--data-dir",
-            locator.data_dir,
-            "--pool",
-            locator.pool,
-            "--image",
-            locator.image,
-            "--mountpoint",
-            mountpoint,
-            "--discard",
-            discard,
-            "--cache",
-            cache,
-            "--ready-file",
-            str(ready_file),
-        ]
-        if read_only:
-            argv.append("--read-only")
-        env = dict(os.environ, FUSE_LIBRARY_NAME="fuse3")
-        with open(log_file, "ab") as log:
-            offset = log.tell()
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd="/",
-                env=env,
-                close_fds=True,
-                start_new_session=True,
-            )
+        settings = b""
+        if cluster is not None:
+            settings = json.dumps(
+                {"cluster": cluster.to_mapping(), "secrets": dict(secrets or {})}
+            ).encode()
+            if len(settings) > _PIPE_CAPACITY:
+                raise DataPathError("the cluster settings and secrets are too large")
+        reader, writer = os.pipe()
+        try:
+            # the whole document fits in the pipe: written before the daemon runs
+            os.write(writer, settings)
+            os.close(writer)
+            if cluster is not None:
+                source = ["--cluster-fd", str(reader)]
+            else:
+                source = ["--data-dir", str(locator.data_dir)]
+            argv = [
+                self.python,
+                "-m",
+                protocol.MODULE,
+                *source,
+                "--pool",
+                locator.pool,
+                "--image",
+                locator.image,
+                "--mountpoint",
+                mountpoint,
+                "--discard",
+                discard,
+                "--cache",
+                cache,
+                "--ready-file",
+                str(ready_file),
+            ]
+            if read_only:
+                argv.append("--read-only")
+            if break_lock:
+                argv += ["--break-lock", break_lock]
+            env = dict(os.environ, FUSE_LIBRARY_NAME="fuse3")
+            with open(log_file, "ab") as log:
+                offset = log.tell()
+                process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd="/",
+                    env=env,
+                    close_fds=True,
+                    pass_fds=(reader,) if cluster is not None else (),
+                    start_new_session=True,
+                )
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(writer)
+            os.close(reader)
         with self._lock:
             self._children[process.pid] = process
-        self._wait_ready(process, ready_file, log_file, offset)
-        return process.pid
+        info = self._wait_ready(process, ready_file, log_file, offset)
+        owner = info.get("lock_owner")
+        return Started(process.pid, owner if isinstance(owner, str) else None)
 
     def _wait_ready(
         self, process: subprocess.Popen[bytes], ready_file: Path, log_file: Path, offset: int
-    ) -> None:
+    ) -> dict[str, object]:
         deadline = time.monotonic() + self.start_timeout
         delay = 0.005
         while True:
             if ready_file.exists():
                 with contextlib.suppress(OSError, ValueError):
-                    if json.loads(ready_file.read_text()).get("pid") == process.pid:
-                        return
+                    info = json.loads(ready_file.read_text())
+                    if isinstance(info, dict) and info.get("pid") == process.pid:
+                        return info
             code = process.poll()
             if code is not None:
                 self._forget(process.pid)

@@ -37,7 +37,10 @@ Crash and restart
   staging mount (lazily if something still holds them), detaches the old
   loop device, unmounts the dead FUSE mount, starts a new daemon, attaches a
   new loop device, mounts the filesystem again (journal replay recovers what
-  was flushed) and binds every recorded publish target again. Paths resolved
+  was flushed) and binds every recorded publish target again. On Ceph the
+  dead daemon's exclusive lock is broken first (its owner id is recorded),
+  and the new daemon needs credentials: the repeated NodeStage's secrets, or
+  for :meth:`recover` the cluster's conf file identity. Paths resolved
   after that work again; file descriptors opened before the crash, and mounts
   that other mount namespaces (containers) copied from the old targets, keep
   failing with EIO until they are reopened or the workload restarts.
@@ -61,10 +64,11 @@ import os
 import shlex
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_rbd.config import ClusterConfig
 from csi_rbd.engine.base import ImageLocator
 from csi_rbd.node import health, loop, mounts
 from csi_rbd.node.cache import MODES as CACHE_MODES
@@ -116,7 +120,11 @@ class NodeStager:
         *,
         python: str = sys.executable,
         start_timeout: float = 30.0,
+        clusters: Mapping[str, ClusterConfig] | None = None,
     ) -> None:
+        """``clusters``: the configured clusters by id, for images a locator alone
+        cannot open (any but a native image with its data directory)."""
+        self.clusters = dict(clusters or {})
         self.state_dir = Path(os.path.realpath(state_dir))
         self.allowed_roots = tuple(Path(os.path.realpath(root)) for root in allowed_roots)
         for sub in ("fuse", "run"):
@@ -175,21 +183,20 @@ class NodeStager:
         read_only: bool,
         discard: str = "unmap",
         cache: str = "none",
+        secrets: Mapping[str, str] | None = None,
     ) -> None:
         """Attach the image and mount it (or expose the device) under ``staging_path``.
 
-        ``locator`` must name a native-engine image (``data_dir`` set);
-        ``mkfs_options`` is a shell-quoted string or an argument list, used only
-        when the device is blank. ``cache`` is the attach daemon's cache mode
-        (librbd's meaning: ``none``, ``writethrough`` or ``writeback``); like
-        ``discard`` it is recorded, and a repeated stage must ask for the same.
+        ``locator`` names a native image with its data directory or an image of
+        one of ``clusters``; ``secrets`` are the credentials to open it with
+        (handed to the attach daemon, never stored). ``mkfs_options`` is a
+        shell-quoted string or an argument list, used only when the device is
+        blank. ``cache`` is the attach daemon's cache mode (librbd's meaning:
+        ``none``, ``writethrough`` or ``writeback``); like ``discard`` it is
+        recorded, and a repeated stage must ask for the same.
         """
         staging = self.check_path(staging_path)
-        if locator.engine != "native" or not locator.data_dir:
-            raise InvalidRequest(
-                f"the node data path serves native-engine images only, not {locator.engine!r} "
-                f"(data_dir={locator.data_dir!r})"
-            )
+        self._cluster_of(locator)
         if discard not in DISCARD_MODES:
             raise InvalidRequest(f"discard mode must be one of {DISCARD_MODES}, not {discard!r}")
         if cache not in CACHE_MODES:
@@ -222,13 +229,13 @@ class NodeStager:
                 if existing.state == "staged":
                     _require_same_stage(existing, record)
                     self.index.put(IndexEntry(volume_id, existing.staging_path))
-                    self._heal(existing)
+                    self._heal(existing, secrets)
                     return
                 if not self._undo(existing):
                     raise DataPathError(f"leftovers of an interrupted {existing.state} remain")
             self._claim(record)
             try:
-                self._attach(record, allow_mkfs=True)
+                self._attach(record, allow_mkfs=True, secrets=secrets)
             except BaseException as exc:
                 self._undo(record, reason=exc)
                 if isinstance(exc, OSError):
@@ -254,11 +261,27 @@ class NodeStager:
         self.index.put(IndexEntry(record.volume_id, record.staging_path))
         save_stash(record)
 
-    def _attach(self, record: StageRecord, *, allow_mkfs: bool) -> None:
+    def _cluster_of(self, locator: ImageLocator) -> ClusterConfig | None:
+        """The cluster an attach daemon opens; None for a native image with its data dir."""
+        if locator.engine == "native" and locator.data_dir:
+            return None
+        cluster = self.clusters.get(locator.cluster_id)
+        if cluster is None or cluster.engine != locator.engine:
+            raise InvalidRequest(
+                f"this node has no {locator.engine or 'engine'} cluster {locator.cluster_id!r} "
+                f"configured (known: {', '.join(sorted(self.clusters)) or 'none'})"
+            )
+        return cluster
+
+    def _attach(
+        self, record: StageRecord, *, allow_mkfs: bool, secrets: Mapping[str, str] | None
+    ) -> None:
         """Daemon, loop device, then the filesystem mount or device bind (recorded as made)."""
         if mounts.is_mounted(record.fuse_mountpoint):  # a dead daemon's mount
             mounts.unmount(record.fuse_mountpoint, timeout=2, lazy_fallback=True)
-        record.daemon_pid = self.supervisor.start(
+        # the lock of a previous daemon: broken only once no daemon serves this volume
+        stale_owner = record.lock_owner if not find_daemons(record.fuse_mountpoint) else None
+        started = self.supervisor.start(
             record.locator,
             record.fuse_mountpoint,
             read_only=record.read_only,
@@ -266,7 +289,11 @@ class NodeStager:
             cache=record.cache,
             ready_file=self._run_file(record.volume_id, "ready"),
             log_file=self._run_file(record.volume_id, "log"),
+            cluster=self._cluster_of(record.locator),
+            secrets=secrets,
+            break_lock=stale_owner,
         )
+        record.daemon_pid, record.lock_owner = started.pid, started.lock_owner
         save_stash(record)
         answer = health.stat_within(record.fuse_file, timeout=10)
         if isinstance(answer, str):
@@ -647,9 +674,9 @@ class NodeStager:
             if not self._undo(record):
                 raise DataPathError(f"could not undo the interrupted {record.state} step")
             return f"finished the interrupted {record.state} step (rolled back)"
-        return self._heal(record)
+        return self._heal(record, None)
 
-    def _heal(self, record: StageRecord) -> str:
+    def _heal(self, record: StageRecord, secrets: Mapping[str, str] | None) -> str:
         """Adopt a healthy stack, rebind broken targets, or re-attach a broken stack."""
         gone = [t.path for t in record.targets if not os.path.lexists(t.path)]
         if gone:  # unpublished (path removed) but not yet forgotten: forget it
@@ -657,7 +684,7 @@ class NodeStager:
             save_stash(record)
         found = health.problems(record, self.supervisor, targets=False)
         if found:
-            self._reattach(record, found)
+            self._reattach(record, found, secrets)
             return f"re-attached ({'; '.join(found)}) as {record.loop_device}"
         rebound = []
         for target in list(record.targets):
@@ -669,14 +696,21 @@ class NodeStager:
         outcome = f"adopted (daemon pid {record.daemon_pid}, {record.loop_device})"
         return outcome + (f"; re-bound {', '.join(rebound)}" if rebound else "")
 
-    def _reattach(self, record: StageRecord, found: list[str]) -> None:
-        """Rebuild a broken stack on a fresh daemon and loop device; rebind the targets."""
+    def _reattach(
+        self, record: StageRecord, found: list[str], secrets: Mapping[str, str] | None
+    ) -> None:
+        """Rebuild a broken stack on a fresh daemon and loop device; rebind the targets.
+
+        Without ``secrets`` (a plugin restart) a Ceph image is opened with the
+        cluster's own conf file identity; with neither, this fails and the next
+        NodeStageVolume (which carries the secrets) re-attaches.
+        """
         log.warning("re-attaching %s: %s", record.volume_id, "; ".join(found))
         self._teardown(record, lazy=True, targets=True)
         record.daemon_pid = record.loop_device = None
         save_stash(record)
         try:
-            self._attach(record, allow_mkfs=False)
+            self._attach(record, allow_mkfs=False, secrets=secrets)
             for target in list(record.targets):
                 _make_target(Path(target.path), target.block)
                 self._bind_target(record, target)

@@ -83,6 +83,9 @@ class StageRecord:
     cache: str = "none"  # the attach daemon's cache mode (none, writethrough, writeback)
     actual_fstype: str | None = None  # what the device holds
     daemon_pid: int | None = None
+    lock_owner: str | None = (
+        None  # the daemon's exclusive-lock owner id (Ceph), to break if it dies
+    )
     loop_device: str | None = None
     direct_io: bool | None = None
     grown_for_size: int | None = None  # device size the last offline ext4 growth was for

@@ -122,6 +122,15 @@ class CephCluster:
     def admin_secrets(self) -> dict[str, str]:
         return {"userID": "admin", "userKey": self.keys["admin"]}
 
+    def config_entry(self, cluster_id: str = "ceph-it") -> dict[str, Any]:
+        """This cluster as an entry of the driver's config file (no conf file)."""
+        return {
+            "id": cluster_id,
+            "engine": "ceph",
+            "monitors": [f"v2:{self.monitor}"],
+            "pool": POOLS[0],
+        }
+
     def client_conf(self, user: str = CSI_USER) -> Path:
         """A client's conf file: monitors and the user's keyring (as /etc/ceph would hold)."""
         path = self.directory / f"client.{user}.conf"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,3 +100,25 @@ def ceph_driver(ceph_cluster: CephCluster, tmp_path_factory: pytest.TempPathFact
     engine = CephEngine.from_config(cluster)
     volumes = VolumeService(config, {cluster.id: engine}, OperationLocks())
     return volumes, SnapshotService(volumes), engine
+
+
+@pytest.fixture
+def ceph_csi_driver(
+    tmp_path: Path, ceph_cluster: CephCluster, csi_secrets: dict[str, str]
+) -> Iterator[Any]:
+    """`csi-rbd serve --config` with one ``engine: ceph`` cluster, ``ceph-it``, and no
+    conf file (no identity of its own): every request carries the CSI user's secret.
+    Nothing may be left on the node afterwards."""
+    from tests.csi.driver import Driver
+    from tests.node.conftest import force_clean, leftovers
+
+    root = Path(os.path.realpath(tmp_path))
+    running = Driver(root, cluster=ceph_cluster.config_entry(), secrets=csi_secrets)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        found = leftovers(root)
+        force_clean(root)
+        assert not found, f"left behind: {found}"

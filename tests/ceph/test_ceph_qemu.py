@@ -2,7 +2,8 @@
 
 ``qemu-img`` (qemu-utils) with its ``rbd:`` driver (qemu-block-extra) sees a
 volume created through VolumeService, writes a qcow2 disk into it, grows it,
-and the engine reads back the same bytes (and the other way round).
+and the engine reads back the same bytes (and the other way round); a volume
+QEMU wrote is read back through the node's data path.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from typing import Any
 
 import pytest
 
+from csi_rbd._proto import csi_pb2 as csi
 from csi_rbd.control.volumes import CreateVolumeRequest
 from csi_rbd.ids import ResourceId
+from csi_rbd.vm.drive import ceph_spec
+from csi_rbd.vm.rbd_spec import format_spec
 from tests.ceph.cluster import CephCluster
+from tests.csi.conftest import block_capability
+from tests.csi.driver import direct_io
 from tests.engine.conformance import pattern
 
 MiB = 1 << 20
@@ -35,15 +41,9 @@ def _qemu_rbd_missing() -> str | None:
 pytestmark = pytest.mark.skipif(_qemu_rbd_missing() is not None, reason=str(_qemu_rbd_missing()))
 
 
-def escape(value: str) -> str:
-    """An option value for QEMU's rbd: filename (':', '@', '=' and '\\' are special)."""
-    for char in ("\\", ":", "@", "="):
-        value = value.replace(char, "\\" + char)
-    return value
-
-
 def rbd_filename(pool: str, image: str, user: str, conf: Path) -> str:
-    return f"rbd:{escape(pool)}/{escape(image)}:id={escape(user)}:conf={escape(str(conf))}"
+    """The filename QEMU opens, made by the product's own formatter."""
+    return format_spec(ceph_spec(pool, image, user=user, conf=conf))
 
 
 def qemu_img(*args: str) -> str:
@@ -116,5 +116,28 @@ def test_qemu_img_reads_writes_and_grows_a_volume(
     assert done.returncode != 0  # gone
 
 
-def test_escape() -> None:
-    assert escape("a:b@c=d\\e") == "a\\:b\\@c\\=d\\\\e"
+def test_qemu_written_volume_reads_the_same_on_the_node(
+    ceph_csi_driver: Any, ceph_cluster: CephCluster, tmp_path: Path
+) -> None:
+    """CreateVolume (CSI), ``qemu-img convert`` of a qcow2 disk into it and ``qemu-img
+    resize``, then NodeStage/NodePublish as a block volume: the device holds the
+    same bytes, at the new size."""
+    driver = ceph_csi_driver
+    capability = block_capability()
+    volume = driver.create("vm-disk-node", 8 * MiB, capability)
+    image = ResourceId.decode(volume.volume_id).volume_image()
+    target = rbd_filename("rbd", image, "csi", ceph_cluster.client_conf("csi"))
+    raw = bytearray(6 * MiB)
+    raw[512 * 1024 : 3 * MiB] = pattern(3 * MiB - 512 * 1024, 21)
+    (tmp_path / "disk.raw").write_bytes(raw)
+    qcow2 = str(tmp_path / "disk.qcow2")
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(tmp_path / "disk.raw"), qcow2)
+    qemu_img("convert", "-n", "-f", "qcow2", "-O", "raw", qcow2, target)
+    qemu_img("resize", "-f", "raw", target, str(12 * MiB))
+
+    device = driver.stage_and_publish(volume, capability, "vm")
+    with open(device, "rb") as handle:
+        assert handle.seek(0, 2) == 12 * MiB
+    assert direct_io(device, 0, length=12 * MiB) == bytes(raw) + bytes(6 * MiB)
+    driver.unpublish_and_unstage(volume, "vm", device)
+    driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume.volume_id))

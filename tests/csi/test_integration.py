@@ -4,149 +4,30 @@ real loop devices, FUSE, ext4, xfs and block volumes.
 The server runs in its own process so that it can be killed with SIGKILL and
 started again. After every test nothing may be left: no mount, loop device,
 FUSE mount or attach daemon under the test's directory.
+
+The tests take the ``driver`` fixture only: tests/ceph runs the same tests
+against a Ceph cluster by importing them with a ``driver`` of its own.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from csi_rbd._proto import csi_pb2 as csi
-from csi_rbd._proto import csi_pb2_grpc
-from csi_rbd.engine.native import Image, Rados
-from csi_rbd.engine.usage import used_size
 from csi_rbd.ids import ResourceId
 from tests.csi.conftest import block_capability, expect_code, mount_capability
+from tests.csi.driver import Driver, direct_io, write_file
 from tests.node.conftest import _UNUSABLE, force_clean, leftovers
 
 MiB = 1 << 20
 Code = grpc.StatusCode
 pytestmark = pytest.mark.skipif(bool(_UNUSABLE), reason=f"node data path {_UNUSABLE}")
-
-
-class Driver:
-    """A `csi-rbd serve` process and stubs for its three services."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.data_dir = root / "data"
-        self.socket = root / "csi.sock"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = open(root / "driver.log", "ab")  # noqa: SIM115 - closed in stop()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "csi_rbd.cli",
-                "--data-dir",
-                str(self.data_dir),
-                "serve",
-                "--endpoint",
-                f"unix://{self.socket}",
-                "--node-id",
-                "node-a",
-                "--state-dir",
-                str(self.root / "state"),
-                "--allowed-root",
-                str(self.root),
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
-        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
-        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
-        self.node = csi_pb2_grpc.NodeStub(self.channel)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.root / "driver.log").read_text()
-            try:
-                if self.identity.Probe(csi.ProbeRequest(), timeout=1).ready.value:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-        raise AssertionError("the driver did not become ready")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        self.channel.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            assert self.process.wait(timeout=60) == 0
-            assert not self.socket.exists(), "the socket outlived a clean stop"
-            self.channel.close()
-        self.log.close()
-
-    # -- helpers ------------------------------------------------------------------
-    def create(self, name: str, size: int, capability: Any, **fields: Any) -> csi.Volume:
-        return self.controller.CreateVolume(
-            csi.CreateVolumeRequest(
-                name=name,
-                capacity_range=csi.CapacityRange(required_bytes=size),
-                volume_capabilities=[capability],
-                **fields,
-            )
-        ).volume
-
-    def stage_and_publish(self, volume: csi.Volume, capability: Any, name: str) -> Path:
-        staging = self.root / "staging" / name
-        target = self.root / "pods" / name / ("device" if capability.HasField("block") else "mnt")
-        self.node.NodeStageVolume(
-            csi.NodeStageVolumeRequest(
-                volume_id=volume.volume_id,
-                staging_target_path=str(staging),
-                volume_capability=capability,
-                volume_context=volume.volume_context,
-            )
-        )
-        self.node.NodePublishVolume(
-            csi.NodePublishVolumeRequest(
-                volume_id=volume.volume_id,
-                staging_target_path=str(staging),
-                target_path=str(target),
-                volume_capability=capability,
-                volume_context=volume.volume_context,
-            )
-        )
-        return target
-
-    def unpublish_and_unstage(self, volume: csi.Volume, name: str, target: Path) -> None:
-        self.node.NodeUnpublishVolume(
-            csi.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=str(target))
-        )
-        self.node.NodeUnstageVolume(
-            csi.NodeUnstageVolumeRequest(
-                volume_id=volume.volume_id,
-                staging_target_path=str(self.root / "staging" / name),
-            )
-        )
-
-    def used_bytes(self, volume_id: str) -> int:
-        rid = ResourceId.decode(volume_id)
-        with Rados(data_dir=self.data_dir) as cluster:
-            with Image(cluster.open_ioctx(rid.pool), rid.volume_image(), read_only=True) as image:
-                for _ in range(20):
-                    try:
-                        return used_size(image, image.size())
-                    except FileNotFoundError:
-                        time.sleep(0.05)
-        raise AssertionError("could not measure usage")
 
 
 @pytest.fixture
@@ -161,31 +42,6 @@ def driver(tmp_path: Path) -> Iterator[Driver]:
         found = leftovers(root)
         force_clean(root)
         assert not found, f"left behind: {found}"
-
-
-def write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def direct_io(device: Path, offset: int, data: bytes | None = None, length: int = 0) -> bytes:
-    """O_DIRECT write (then fsync) or read of page-aligned data on a block device."""
-    size = len(data) if data is not None else length
-    buffer = mmap.mmap(-1, size)
-    fd = os.open(device, (os.O_RDWR if data is not None else os.O_RDONLY) | os.O_DIRECT)
-    try:
-        if data is not None:
-            buffer.write(data)
-            assert os.pwritev(fd, [buffer], offset) == size
-            os.fsync(fd)
-            return data
-        assert os.preadv(fd, [buffer], offset) == size
-        return bytes(buffer)
-    finally:
-        os.close(fd)
-        buffer.close()
 
 
 @pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
@@ -276,12 +132,7 @@ def test_filesystem_volume_lifecycle(driver: Driver, fs_type: str) -> None:
         driver.unpublish_and_unstage(vol, name, path)
         driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vol.volume_id))
     driver.controller.DeleteSnapshot(csi.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
-    with Rados(data_dir=driver.data_dir) as cluster:
-        ioctx = cluster.open_ioctx("rbd")
-        from csi_rbd.engine.native import RBD
-
-        assert RBD().list(ioctx) == []
-        assert RBD().trash_list(ioctx) == []
+    assert driver.pool_contents() == driver.baseline  # no image, snapshot or trash entry left
 
 
 def test_block_volume_lifecycle(driver: Driver) -> None:
@@ -364,7 +215,9 @@ def test_killed_node_plugin_comes_back(driver: Driver) -> None:
 def test_node_errors(driver: Driver) -> None:
     capability = mount_capability("ext4")
     volume = driver.create("pvc-e", 32 * MiB, capability)
-    missing = ResourceId("local", "rbd", "00000000-0000-0000-0000-000000000001").encode()
+    missing = ResourceId(
+        driver.cluster_id, driver.cluster.pool, "00000000-0000-0000-0000-000000000001"
+    ).encode()
     staging = driver.root / "staging" / "e"
     node = driver.node
     stage = csi.NodeStageVolumeRequest(

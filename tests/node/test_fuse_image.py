@@ -36,7 +36,7 @@ class Served:
 def serve(node: Node, name: str, tag: str = "", **options: object) -> Served:
     supervisor = Supervisor()
     mountpoint = node.path("fuse", name + tag)
-    pid = supervisor.start(
+    started = supervisor.start(
         node.locator(name),
         str(mountpoint),
         read_only=bool(options.get("read_only", False)),
@@ -44,7 +44,8 @@ def serve(node: Node, name: str, tag: str = "", **options: object) -> Served:
         ready_file=node.path(f"{name}{tag}.ready"),
         log_file=node.path(f"{name}{tag}.log"),
     )
-    return Served(node, supervisor, mountpoint, pid)
+    assert started.lock_owner is None  # native locks die with their process
+    return Served(node, supervisor, mountpoint, started.pid)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.csi.test_integration import Driver
+from tests.csi.driver import Driver
 from tests.node.conftest import _UNUSABLE, force_clean, leftovers
 from tests.node.conftest import node as node  # the fixture, for tests here
 from tests.vm import guest

@@ -24,7 +24,7 @@ from csi_rbd._proto import csi_pb2 as csi
 from csi_rbd.engine.native import RBD, Image, IoCtx, Rados
 from csi_rbd.ids import ResourceId
 from tests.csi.conftest import block_capability
-from tests.csi.test_integration import Driver
+from tests.csi.driver import Driver
 from tests.vm import disk_checks, guest
 from tests.vm.conftest import QEMU_IMG, QEMU_IO, needs_data_path, needs_guest, needs_qemu_tools
 

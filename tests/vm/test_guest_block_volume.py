@@ -20,7 +20,7 @@ from csi_rbd.engine.native import Rados
 from csi_rbd.ids import ResourceId
 from csi_rbd.node.stash import load_stash
 from tests.csi.conftest import block_capability
-from tests.csi.test_integration import Driver
+from tests.csi.driver import Driver
 from tests.vm import disk_checks, guest
 from tests.vm.conftest import needs_data_path, needs_guest
 

@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 USER_ID = "userID"
 USER_KEY = "userKey"
 
+# A volume's cache mode as librbd settings (Ceph's QEMU page: QEMU's cache
+# option sets these when it opens an rbd: drive).
+LIBRBD_CACHE_OPTIONS: dict[str, dict[str, str]] = {
+    "writeback": {"rbd_cache": "true"},
+    "writethrough": {"rbd_cache": "true", "rbd_cache_max_dirty": "0"},
+    "none": {"rbd_cache": "false"},
+}
+
 
 def monitor_endpoints(monitors: tuple[str, ...] | list[str]) -> list[tuple[str, int]]:
     """(host, port) of every address in mon_host-style strings.
@@ -121,6 +129,21 @@ class CephEngine(Engine):
             connect_timeout=connect_timeout,
         )
 
+    def for_data_path(self, cache: str) -> tuple[CephEngine, str]:
+        """librbd's own cache implements the mode (see ``LIBRBD_CACHE_OPTIONS``)."""
+        if cache not in LIBRBD_CACHE_OPTIONS:
+            raise errors.InvalidArgument(f"unknown cache mode {cache!r}")
+        engine = CephEngine(
+            self.cluster_id,
+            self.monitors,
+            self.default_pool,
+            conf=self.conf,
+            namespace=self.namespace,
+            connect_timeout=self.connect_timeout,
+            options={**self.options, **LIBRBD_CACHE_OPTIONS[cache]},
+        )
+        return engine, "none"
+
     # -- connections --------------------------------------------------------------
     def connect(self, secrets: Mapping[str, str] | None = None) -> Rados:
         """A connected handle for ``secrets`` (see the module notes); the caller shuts it down."""
@@ -164,6 +187,30 @@ class CephEngine(Engine):
             yield cluster
         finally:
             cluster.shutdown()
+
+    def data_path_settings(self, cluster: Any) -> dict[str, str]:
+        """librbd's cache settings as the connected client has them."""
+        names = ("rbd_cache", "rbd_cache_max_dirty", "rbd_cache_max_dirty_age")
+        return {name: str(cluster.raw.conf_get(name)) for name in names}
+
+    # -- exclusive locks of dead clients -------------------------------------------
+    def lock_owner(self, image: Any) -> str | None:
+        """The client address holding the exclusive lock (``ip:port/nonce``)."""
+        for owner in image.lock_get_owners():
+            return str(owner["owner"])
+        return None
+
+    def break_lock(self, image: Any, owner: str) -> bool:
+        """Break (and blocklist) ``owner``'s lock: librbd would otherwise wait for
+        the dead client's watch to time out (about 30 s) before taking it over."""
+        for held in image.lock_get_owners():
+            if held["owner"] == owner:
+                image.lock_break(held["mode"], owner)
+                log.warning(
+                    "cluster %s: broke the exclusive lock of dead client %s", self.cluster_id, owner
+                )
+                return True
+        return False
 
     # -- the rest of the interface ---------------------------------------------------
     def free_bytes(self, pool: str) -> int:

@@ -1,0 +1,203 @@
+"""The CSI integration tests, unchanged, on a Ceph cluster; then what only Ceph has.
+
+`csi-rbd serve --config` with one ``engine: ceph`` cluster and no conf file:
+the driver has no identity of its own, so every call that needs the cluster
+works only because the StorageClass secret (the CSI user, ``profile rbd``
+caps) reaches it. The node side serves librbd images through the same
+attach daemon, FUSE and loop device as native images (this kernel has
+neither rbd nor nbd), with librbd's cache in the volume's cache mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from csi_rbd._proto import csi_pb2 as csi
+from csi_rbd.engine.ceph import CephEngine
+from csi_rbd.ids import ResourceId
+from csi_rbd.node.daemons import find_daemons
+from csi_rbd.node.stash import load_stash
+from tests.ceph.cluster import CephCluster
+from tests.csi.conftest import block_capability, expect_code, mount_capability
+from tests.csi.driver import Driver, direct_io, write_file
+from tests.csi.test_integration import (  # noqa: F401 - collected here against Ceph
+    test_block_volume_lifecycle,
+    test_discard_reaches_the_engine,
+    test_filesystem_volume_lifecycle,
+    test_killed_node_plugin_comes_back,
+    test_node_errors,
+)
+from tests.node.conftest import _UNUSABLE, force_clean, leftovers
+
+MiB = 1 << 20
+Code = grpc.StatusCode
+pytestmark = pytest.mark.skipif(bool(_UNUSABLE), reason=f"node data path {_UNUSABLE}")
+
+
+@pytest.fixture
+def driver(ceph_csi_driver: Driver) -> Driver:
+    return ceph_csi_driver
+
+
+def _stage_request(driver: Driver, volume: csi.Volume, name: str, capability: Any) -> Any:
+    return csi.NodeStageVolumeRequest(
+        volume_id=volume.volume_id,
+        staging_target_path=str(driver.root / "staging" / name),
+        volume_capability=capability,
+        volume_context=volume.volume_context,
+    )
+
+
+@pytest.mark.parametrize("cache", ["none", "writethrough", "writeback"])
+def test_cache_modes_reach_librbd_and_flushed_data_survives(driver: Driver, cache: str) -> None:
+    """Each mode's librbd settings are in force in the attach daemon, and what a
+    flush covered is in the cluster even when the daemon is killed right after."""
+    capability = block_capability()
+    volume = driver.create(f"pvc-{cache}", 64 * MiB, capability, parameters={"cache": cache})
+    device = driver.stage_and_publish(volume, capability, cache)
+    record = load_stash(driver.root / "staging" / cache)
+    assert record is not None and record.daemon_pid is not None
+    settings = _daemon_librbd_settings(driver, ResourceId.decode(volume.volume_id).uuid)
+    expected = {
+        "none": ("false", None),
+        "writethrough": ("true", "0"),
+        "writeback": ("true", None),
+    }[cache]
+    assert settings["rbd_cache"] == expected[0], settings
+    if expected[1] is not None:
+        assert settings["rbd_cache_max_dirty"] == expected[1], settings
+    else:
+        assert settings["rbd_cache_max_dirty"] != "0", settings
+
+    data = os.urandom(2 * MiB)
+    direct_io(device, 8 * MiB, data)  # O_DIRECT write + fsync: a flush down to librbd
+    os.kill(record.daemon_pid, signal.SIGKILL)
+    assert _read_image(driver, volume.volume_id, 8 * MiB, len(data)) == data
+
+    # the next NodeStage (kubelet retries it) re-attaches, breaking the dead client's lock
+    started = time.monotonic()
+    driver.node.NodeStageVolume(_stage_request(driver, volume, cache, capability))
+    assert time.monotonic() - started < 20, "waited for the dead client's watch to time out"
+    assert direct_io(device, 8 * MiB, length=len(data)) == data
+    more = os.urandom(MiB)
+    direct_io(device, 0, more)
+    assert _read_image(driver, volume.volume_id, 0, MiB) == more
+    driver.unpublish_and_unstage(volume, cache, device)
+    driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+
+def test_second_node_writer_is_refused(driver: Driver, tmp_path: Path) -> None:
+    """A live client elsewhere holds the image's exclusive lock: the stage fails
+    with FAILED_PRECONDITION and leaves nothing behind; its lock is not broken."""
+    capability = mount_capability("ext4")
+    volume = driver.create("pvc-locked", 32 * MiB, capability)
+    rid = ResourceId.decode(volume.volume_id)
+    engine = CephEngine("ceph-it", driver.cluster.monitors)
+    with engine.session(driver.secrets) as cluster:
+        ioctx = cluster.open_ioctx(rid.pool)
+        with engine.open_image(ioctx, rid.volume_image()) as holder:
+            holder.lock_acquire()
+            message = expect_code(
+                lambda: driver.node.NodeStageVolume(
+                    _stage_request(driver, volume, "locked", capability)
+                ),
+                Code.FAILED_PRECONDITION,
+            )
+            assert "busy" in message, message
+            assert holder.is_exclusive_lock_owner()
+        ioctx.close()
+    assert not leftovers(driver.root / "staging")
+    assert not find_daemons(under=str(driver.root))
+    target = driver.stage_and_publish(volume, capability, "locked")  # free now
+    write_file(target / "f", b"ok")
+    driver.unpublish_and_unstage(volume, "locked", target)
+    driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+
+def test_stage_without_secrets_is_unauthenticated(driver: Driver) -> None:
+    """The cluster has no conf file: without the secret the node cannot open the image."""
+    capability = mount_capability("ext4")
+    volume = driver.create("pvc-nosecret", 32 * MiB, capability)
+    request = _stage_request(driver, volume, "nosecret", capability)
+    request.secrets["userID"] = "csi"
+    request.secrets["userKey"] = "AQAAAAAAAAAAABAAAAAAAAAAAAAAAAAAAAAAAA=="  # well-formed, wrong
+    expect_code(lambda: driver.node.NodeStageVolume(request), Code.UNAUTHENTICATED)
+    assert not leftovers(driver.root)
+    driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+
+def _daemon_librbd_settings(driver: Driver, name: str) -> dict[str, str]:
+    """librbd's cache settings as the attach daemon's client has them (it logs them)."""
+    log = (driver.root / "state" / "run").glob(f"*{name}*.log")
+    for line in "".join(path.read_text() for path in log).splitlines():
+        if "ceph engine settings: " in line:
+            parsed = json.loads(line.split("ceph engine settings: ", 1)[1])
+            assert isinstance(parsed, dict)
+            return parsed
+    raise AssertionError("the attach daemon did not log its librbd settings")
+
+
+def _read_image(driver: Driver, volume_id: str, offset: int, length: int) -> bytes:
+    rid = ResourceId.decode(volume_id)
+    engine = CephEngine("ceph-it", driver.cluster.monitors)
+    with engine.session(driver.secrets) as cluster:
+        ioctx = cluster.open_ioctx(rid.pool)
+        try:
+            with engine.open_image(ioctx, rid.volume_image(), read_only=True) as image:
+                return bytes(image.read(offset, length))
+        finally:
+            ioctx.close()
+
+
+@pytest.mark.parametrize("own_identity", [False, True])
+def test_restarted_plugin_with_a_dead_daemon(
+    tmp_path: Path, ceph_cluster: CephCluster, csi_secrets: dict[str, str], own_identity: bool
+) -> None:
+    """Plugin and attach daemon both die. With the driver's own identity (a conf file
+    with a keyring) the restarted plugin re-attaches by itself; without, it reports
+    the volume abnormal until the next NodeStageVolume brings the secret."""
+    root = Path(os.path.realpath(tmp_path))
+    entry = ceph_cluster.config_entry()
+    if own_identity:
+        entry["conf"] = str(ceph_cluster.client_conf("admin"))
+    driver = Driver(root, cluster=entry, secrets=csi_secrets)
+    driver.start()
+    try:
+        capability = mount_capability("ext4")
+        volume = driver.create("pvc-restart", 64 * MiB, capability)
+        target = driver.stage_and_publish(volume, capability, "r")
+        write_file(target / "kept", b"flushed before both died")
+        record = load_stash(driver.root / "staging" / "r")
+        assert record is not None and record.daemon_pid is not None
+        driver.kill()
+        os.kill(record.daemon_pid, signal.SIGKILL)
+        driver.start()
+        stats = driver.node.NodeGetVolumeStats(
+            csi.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=str(target))
+        )
+        if not own_identity:
+            assert stats.volume_condition.abnormal, stats.volume_condition
+            started = time.monotonic()
+            driver.node.NodeStageVolume(_stage_request(driver, volume, "r", capability))
+            assert time.monotonic() - started < 20
+            stats = driver.node.NodeGetVolumeStats(
+                csi.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=str(target))
+            )
+        assert not stats.volume_condition.abnormal, stats.volume_condition.message
+        assert (target / "kept").read_bytes() == b"flushed before both died"
+        write_file(target / "after", b"x")
+        driver.unpublish_and_unstage(volume, "r", target)
+        driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume.volume_id))
+    finally:
+        driver.stop()
+        found = leftovers(root)
+        force_clean(root)
+        assert not found, f"left behind: {found}"

@@ -1,0 +1,228 @@
+"""A `csi-rbd serve` process for end-to-end tests, on either engine.
+
+By default the driver runs one native cluster (``local``) in ``<root>/data``.
+Given a cluster (a config file entry, e.g. a Ceph cluster) it runs that one
+from a config file instead, and ``secrets`` are put into every request that
+has a ``secrets`` field, as the external-provisioner and kubelet do with a
+StorageClass's secret.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from csi_rbd._proto import csi_pb2 as csi
+from csi_rbd._proto import csi_pb2_grpc
+from csi_rbd.config import ClusterConfig, cluster_from_mapping
+from csi_rbd.engine.factory import build_engine
+from csi_rbd.engine.usage import used_size
+from csi_rbd.ids import ResourceId
+
+
+class _SecretsInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds the StorageClass secret to every request that carries secrets."""
+
+    def __init__(self, secrets: Mapping[str, str]) -> None:
+        self.secrets = dict(secrets)
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], details: Any, request: Any
+    ) -> Any:
+        if "secrets" in request.DESCRIPTOR.fields_by_name and not request.secrets:
+            copy = type(request)()
+            copy.CopyFrom(request)
+            copy.secrets.update(self.secrets)
+            request = copy
+        return continuation(details, request)
+
+
+class Driver:
+    """A `csi-rbd serve` process and stubs for its three services."""
+
+    def __init__(
+        self,
+        root: Path,
+        cluster: Mapping[str, Any] | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.socket = root / "csi.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = open(root / "driver.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.secrets = dict(secrets or {})
+        self.config_file: Path | None = None
+        if cluster is None:
+            self.cluster = ClusterConfig("local", "native", data_dir=self.data_dir)
+        else:
+            self.cluster = cluster_from_mapping(dict(cluster), "test cluster")
+            self.config_file = root / "config.yaml"
+            self.config_file.write_text(yaml.safe_dump({"clusters": [dict(cluster)]}))
+        self.cluster_id = self.cluster.id
+        self.baseline: tuple[list[str], list[str]] | None = None
+
+    def start(self) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "csi_rbd.cli",
+            "--data-dir",
+            str(self.data_dir),
+            "serve",
+            "--endpoint",
+            f"unix://{self.socket}",
+            "--node-id",
+            "node-a",
+            "--state-dir",
+            str(self.root / "state"),
+            "--allowed-root",
+            str(self.root),
+        ]
+        if self.config_file is not None:
+            argv += ["--config", str(self.config_file)]
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        if self.secrets:
+            self.channel = grpc.intercept_channel(self.channel, _SecretsInterceptor(self.secrets))
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.root / "driver.log").read_text()
+            try:
+                if self.identity.Probe(csi.ProbeRequest(), timeout=1).ready.value:
+                    if self.baseline is None:
+                        self.baseline = self.pool_contents()
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+        raise AssertionError("the driver did not become ready")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.channel.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            assert self.process.wait(timeout=60) == 0
+            assert not self.socket.exists(), "the socket outlived a clean stop"
+            self.channel.close()
+        self.log.close()
+
+    # -- helpers ------------------------------------------------------------------
+    def create(self, name: str, size: int, capability: Any, **fields: Any) -> csi.Volume:
+        return self.controller.CreateVolume(
+            csi.CreateVolumeRequest(
+                name=name,
+                capacity_range=csi.CapacityRange(required_bytes=size),
+                volume_capabilities=[capability],
+                **fields,
+            )
+        ).volume
+
+    def stage_and_publish(self, volume: csi.Volume, capability: Any, name: str) -> Path:
+        staging = self.root / "staging" / name
+        target = self.root / "pods" / name / ("device" if capability.HasField("block") else "mnt")
+        self.node.NodeStageVolume(
+            csi.NodeStageVolumeRequest(
+                volume_id=volume.volume_id,
+                staging_target_path=str(staging),
+                volume_capability=capability,
+                volume_context=volume.volume_context,
+            )
+        )
+        self.node.NodePublishVolume(
+            csi.NodePublishVolumeRequest(
+                volume_id=volume.volume_id,
+                staging_target_path=str(staging),
+                target_path=str(target),
+                volume_capability=capability,
+                volume_context=volume.volume_context,
+            )
+        )
+        return target
+
+    def unpublish_and_unstage(self, volume: csi.Volume, name: str, target: Path) -> None:
+        self.node.NodeUnpublishVolume(
+            csi.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=str(target))
+        )
+        self.node.NodeUnstageVolume(
+            csi.NodeUnstageVolumeRequest(
+                volume_id=volume.volume_id,
+                staging_target_path=str(self.root / "staging" / name),
+            )
+        )
+
+    # -- the engine, looked at directly ----------------------------------------------
+    def _session(self) -> Any:
+        engine = build_engine(self.cluster)
+        return engine, engine.session(self.secrets or None)
+
+    def used_bytes(self, volume_id: str) -> int:
+        rid = ResourceId.decode(volume_id)
+        engine, session = self._session()
+        try:
+            with session as cluster:
+                ioctx = cluster.open_ioctx(rid.pool)
+                with engine.open_image(ioctx, rid.volume_image(), read_only=True) as image:
+                    for _ in range(20):
+                        try:
+                            return used_size(image, image.size())
+                        except FileNotFoundError:  # native: a version replaced meanwhile
+                            time.sleep(0.05)
+        finally:
+            engine.close()
+        raise AssertionError("could not measure usage")
+
+    def pool_contents(self, pool: str | None = None) -> tuple[list[str], list[str]]:
+        """(images, trash entries) of the cluster's default pool."""
+        engine, session = self._session()
+        try:
+            with session as cluster:
+                ioctx = cluster.open_ioctx(pool or self.cluster.pool)
+                return (
+                    sorted(engine.rbd.list(ioctx)),
+                    sorted(entry["id"] for entry in engine.rbd.trash_list(ioctx)),
+                )
+        finally:
+            engine.close()
+
+
+def write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def direct_io(device: Path, offset: int, data: bytes | None = None, length: int = 0) -> bytes:
+    """O_DIRECT write (then fsync) or read of page-aligned data on a block device."""
+    size = len(data) if data is not None else length
+    buffer = mmap.mmap(-1, size)
+    fd = os.open(device, (os.O_RDWR if data is not None else os.O_RDONLY) | os.O_DIRECT)
+    try:
+        if data is not None:
+            buffer.write(data)
+            assert os.pwritev(fd, [buffer], offset) == size
+            os.fsync(fd)
+            return data
+        assert os.preadv(fd, [buffer], offset) == size
+        return bytes(buffer)
+    finally:
+        os.close(fd)
+        buffer.close()
