@@ -99,10 +99,10 @@ def _pin_thread_state() -> None:
 
     libfuse calls in on threads Python did not create; ctypes then makes a
     fresh thread state for every callback and drops it on return, and with
-    it all ``threading.local`` data. The native engine keeps one header
-    descriptor per thread in a ``threading.local`` and would open (and keep)
-    a new one on every request. One extra ``PyGILState_Ensure`` that is never
-    released keeps the state, and so the engine's per-thread data, alive.
+    it all ``threading.local`` data, which would then be built again on every
+    request. One extra ``PyGILState_Ensure`` that is never released keeps the
+    state, and so any per-thread data, alive. (The native engine itself keeps
+    nothing per thread: its barrier descriptors are pooled per I/O in flight.)
     """
     if not getattr(_pinned, "done", False):
         ctypes.pythonapi.PyGILState_Ensure()

@@ -19,6 +19,23 @@ locks with its descriptors:
   exclusive (new I/O stops at the gate) and then BARRIER exclusive (in-flight
   I/O drains), so it cannot starve behind a steady stream of overlapping I/O.
 
+GATE only keeps a metadata operation from starving; BARRIER alone keeps head
+I/O and metadata operations apart. So an I/O skips GATE while no operation
+holds it: a metadata operation, once it holds GATE exclusive, sets the
+*closing* byte in the mapped header (and clears it before letting go), and an
+I/O that finds the byte clear takes BARRIER shared directly, without waiting.
+Should that fail (an operation holds BARRIER, or is draining the I/O that
+slipped past the byte as it was set), the I/O takes the full path through
+GATE. Only I/O that read the byte before it was set can pass that way, so an
+operation still drains in bounded time; and exclusion itself never depended
+on GATE. A byte left set by a killed process costs only the fast path: an I/O
+holding GATE shared (so no operation holds it) clears it.
+
+Each I/O locks with a descriptor of its own, taken from a pool (OFD locks
+belong to the descriptor: two I/O in flight on one descriptor would share one
+lock), so a handle keeps as many descriptors as it ever had I/O in flight at
+once, whatever the number of threads that did I/O.
+
 A metadata operation bumps the generation *before* committing to the catalog
 and while it holds the barrier. An I/O that then finds a new generation
 re-reads the image row, so it never writes with a stale snapshot context, even
@@ -32,7 +49,6 @@ import fcntl
 import mmap
 import os
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,14 +58,22 @@ from csi_rbd.engine import errors
 
 _HEADER_SIZE = 4096
 _GENERATION = struct.Struct("<Q")
+_CLOSING = 16  # header byte: set while a metadata operation holds GATE (see above)
 _GATE, _BARRIER, _OWNER, _WAITERS = 64, 65, 66, 67
 _FLOCK = "hhqqi4x"  # struct flock on Linux x86_64/aarch64: type, whence, start, len, pid
 _POLL_START, _POLL_MAX = 0.0001, 0.002
+_REQUESTS: dict[tuple[int, int], bytes] = {
+    (kind, offset): struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0)
+    for kind in (fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK)
+    for offset in (_GATE, _BARRIER, _OWNER, _WAITERS)
+}
+_SHARE_BARRIER = _REQUESTS[fcntl.F_RDLCK, _BARRIER]
+_FREE_BARRIER = _REQUESTS[fcntl.F_UNLCK, _BARRIER]
 
 
 def _flock(fd: int, kind: int, offset: int, wait: bool) -> bool:
     """Set or clear an OFD lock on one byte; False when ``wait`` is off and it is taken."""
-    request = struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0)
+    request = _REQUESTS[kind, offset]
     command = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
     try:
         fcntl.fcntl(fd, command, request)
@@ -82,6 +106,16 @@ def _lock_within(fd: int, kind: int, offset: int, timeout: float, what: str) -> 
         _flock(fd, fcntl.F_UNLCK, _WAITERS, wait=False)
 
 
+def _try_share_barrier(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _SHARE_BARRIER)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 class ImageHeader:
     """The header file of one image as seen by one open handle."""
 
@@ -94,10 +128,10 @@ class ImageHeader:
         self._map_fd = fd
         self._map = mmap.mmap(fd, _HEADER_SIZE)
         self._owner_fd: int | None = None
-        # Keyed by the OS thread: threads that libfuse starts get a new Python
-        # thread state (and so a new threading.local) on every callback.
-        self._thread_fds: dict[int, int] = {}
-        self._fds_lock = threading.Lock()
+        # Descriptors for I/O sections, none of them holding a lock while here
+        # (see the design note); list.pop and list.append are atomic.
+        self._free_fds: list[int] = []
+        self._closed = False
 
     # -- generation --------------------------------------------------------
     def generation(self) -> int:
@@ -115,38 +149,69 @@ class ImageHeader:
             _GENERATION.pack_into(self._map, 8, self.layout_generation() + 1)
 
     # -- I/O barrier -------------------------------------------------------
-    def _thread_fd(self) -> int:
-        thread = threading.get_native_id()
-        fd = self._thread_fds.get(thread)
-        if fd is None:
+    def enter_io(self) -> int:
+        """Take the barrier shared for one head I/O; give the result to :meth:`exit_io`."""
+        try:
+            fd = self._free_fds.pop()
+        except IndexError:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            with self._fds_lock:
-                self._thread_fds[thread] = fd
+        try:
+            if not self._map[_CLOSING] and _try_share_barrier(fd):
+                return fd
+            _lock_within(fd, fcntl.F_RDLCK, _GATE, self.lock_timeout, "a snapshot or resize")
+            try:
+                if self._map[_CLOSING]:
+                    # holding GATE shared: no operation holds it, so the byte is a
+                    # leftover of a killed process
+                    self._map[_CLOSING] = 0
+                _lock_within(fd, fcntl.F_RDLCK, _BARRIER, self.lock_timeout, "a snapshot or resize")
+            finally:
+                _flock(fd, fcntl.F_UNLCK, _GATE, wait=False)
+        except BaseException:
+            self._give_back(fd)  # it holds no lock
+            raise
         return fd
 
-    @contextmanager
-    def io_section(self) -> Iterator[None]:
-        """Hold the barrier shared for one head I/O."""
-        fd = self._thread_fd()
-        _lock_within(fd, fcntl.F_RDLCK, _GATE, self.lock_timeout, "a snapshot or resize")
+    def exit_io(self, fd: int) -> None:
+        """End an I/O section begun by :meth:`enter_io`."""
         try:
-            _lock_within(fd, fcntl.F_RDLCK, _BARRIER, self.lock_timeout, "a snapshot or resize")
-        finally:
-            _flock(fd, fcntl.F_UNLCK, _GATE, wait=False)
-        try:
-            yield
-        finally:
-            _flock(fd, fcntl.F_UNLCK, _BARRIER, wait=False)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FREE_BARRIER)
+        except BaseException:
+            os.close(fd)  # closing drops the lock for sure
+            raise
+        self._give_back(fd)
+
+    def _give_back(self, fd: int) -> None:
+        self._free_fds.append(fd)
+        if self._closed:  # closed while this I/O ran
+            self._close_free_fds()
+
+    def _close_free_fds(self) -> None:
+        while True:
+            try:
+                fd = self._free_fds.pop()
+            except IndexError:
+                return
+            os.close(fd)
+
+    def io_section(self) -> _IoSection:
+        """Hold the barrier shared for one head I/O (a context manager)."""
+        return _IoSection(self)
 
     @contextmanager
     def exclusive_section(self) -> Iterator[None]:
         """Hold the barrier exclusively: no head I/O runs on any handle meanwhile."""
         fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        closing = False
         try:
             _lock_within(fd, fcntl.F_WRLCK, _GATE, self.lock_timeout, "another image operation")
+            self._map[_CLOSING] = 1  # new I/O goes through GATE from now on
+            closing = True
             _lock_within(fd, fcntl.F_WRLCK, _BARRIER, self.lock_timeout, "in-flight I/O")
             yield
         finally:
+            if closing:
+                self._map[_CLOSING] = 0  # still holding GATE: no other operation set it
             os.close(fd)  # closing the descriptor drops both locks
 
     def yield_to_waiters(self, longest: float = 0.2) -> None:
@@ -193,9 +258,21 @@ class ImageHeader:
 
     def close(self) -> None:
         self.release_write_lock()
-        with self._fds_lock:
-            for fd in self._thread_fds.values():
-                os.close(fd)
-            self._thread_fds.clear()
+        self._closed = True
+        self._close_free_fds()
         self._map.close()
         os.close(self._map_fd)
+
+
+class _IoSection:
+    __slots__ = ("_fd", "_header")
+
+    def __init__(self, header: ImageHeader) -> None:
+        self._header = header
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        self._fd = self._header.enter_io()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._header.exit_io(self._fd)

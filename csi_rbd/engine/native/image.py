@@ -15,7 +15,12 @@ the catalog before the I/O proceeds (see :mod:`.header`).
 Writes need the exclusive write lock, taken on the first write (or by
 :meth:`Image.lock_acquire`). Its holder caches object lookups, since no one
 else creates head versions; other head views probe every time. Snapshot views
-never change and always cache.
+never change and always cache. The same views keep the descriptors of the
+versions they use open (see :mod:`.objects`): every other change to what a
+version name means moves the generation first, and a reload drops them all.
+A reload publishes the generation it read last, after the new view and the
+emptied caches, so a thread that finds the generation unchanged never works
+with a stale view or cache.
 
 Multi-object operations that must be all-or-nothing (rollback, shrink) write
 their new versions under a fresh epoch recorded as ``pending_seq`` and become
@@ -113,6 +118,9 @@ class Image:
         self._flush_lock = threading.Lock()
         self._cache: dict[int, Version | None] = {}
         self._caching = self._snap is not None
+        self._writer = False  # write lock held and set up (see lock_acquire)
+        if self._caching:
+            self._store.cache_descriptors(writable=False)
         self._dirty: set[tuple[int, int]] = set()
         self._directory_dirty = False
         self._parents: dict[ParentSpec, Image] = {}
@@ -130,6 +138,7 @@ class Image:
         for parent in self._parents.values():
             parent.close()
         self._parents.clear()
+        self._store.drop_descriptors(keep_caching=False)
         self._header.close()
 
     def __enter__(self) -> Image:
@@ -145,15 +154,21 @@ class Image:
             self.close()
 
     # -- views ----------------------------------------------------------------------
+    def _reload(self) -> None:
+        """Reload the view; call with the barrier held and the state lock."""
+        generation = self._header.generation()  # before the read, never after
+        self._view = self._load_view()
+        self._generation = generation  # last: see the design note
+
     def _load_view(self) -> _View:
-        """(Re)read the catalog; call with the barrier held (shared or exclusive)."""
+        """(Re)read the catalog and empty the caches; call with the barrier held."""
         catalog = self._ioctx.catalog
-        self._generation = self._header.generation()  # before the read, never after
         epochs = catalog.epochs(self._record.id)
         if self._snap is not None:
             # a deep flatten may have detached the snapshot from its parent
             snap = self._snap = catalog.snapshot_by_id(self._record.id, self._snap.id)
             self._cache.clear()
+            self._store.drop_descriptors()
             view = _View(
                 snap.size,
                 self._record.order,
@@ -172,18 +187,33 @@ class Image:
                 tuple(e for e in epochs if e <= record.seq),
             )
             self._cache.clear()
+            self._store.drop_descriptors()
         return view
+
+    def _enter_io(self) -> tuple[int, _View]:
+        """Begin one I/O against a consistent view; end it with ``_header.exit_io``."""
+        if self._closed:
+            self._require_open()
+        header = self._header
+        fd = header.enter_io()
+        try:
+            if header.generation() != self._generation:
+                with self._state_lock:
+                    if header.generation() != self._generation:
+                        self._reload()
+        except BaseException:
+            header.exit_io(fd)
+            raise
+        return fd, self._view
 
     @contextlib.contextmanager
     def _io(self) -> Iterator[_View]:
         """Run one I/O against a consistent view."""
-        self._require_open()
-        with self._header.io_section():
-            if self._header.generation() != self._generation:
-                with self._state_lock:
-                    if self._header.generation() != self._generation:
-                        self._view = self._load_view()
-            yield self._view
+        fd, view = self._enter_io()
+        try:
+            yield view
+        finally:
+            self._header.exit_io(fd)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[ImageRecord]:
@@ -196,12 +226,12 @@ class Image:
                 record = self._ioctx.catalog.image_by_id(self._record.id)
             self._record = record
             with self._state_lock:
-                self._view = self._load_view()
+                self._reload()
             try:
                 yield record
             finally:
                 with self._state_lock:
-                    self._view = self._load_view()
+                    self._reload()
 
     def _abandon_pending(self, record: ImageRecord) -> None:
         """Delete what an interrupted rollback or shrink wrote; it never committed."""
@@ -227,8 +257,10 @@ class Image:
             raise errors.ReadOnlyImage(f"image {self._record.name} is open read-only")
 
     def _require_writer(self) -> None:
+        if self._writer and not self._closed:
+            return
         self._require_writable()
-        if not self._header.owns_write_lock():
+        if not self._writer:
             self.lock_acquire(RBD_LOCK_MODE_EXCLUSIVE)
 
     # -- exclusive lock -------------------------------------------------------------
@@ -238,21 +270,28 @@ class Image:
         if lock_mode != RBD_LOCK_MODE_EXCLUSIVE:
             raise errors.InvalidArgument("only the exclusive lock mode is supported")
         with self._cow_lock:
-            if self._header.owns_write_lock():
+            if self._writer:
                 return
-            if not self._header.try_acquire_write_lock():
+            if not self._header.owns_write_lock() and not self._header.try_acquire_write_lock():
                 raise errors.ImageBusy(
                     f"image {self._record.name} is being written by another client"
                 )
             with self._exclusive():
                 self._store.remove_stale_temps()  # of writers that died
                 self._caching = True
+                self._store.cache_descriptors(writable=True)
+            # Only now may writes start: one that got into the barrier before this
+            # exclusive section would wait for _cow_lock, held here, while the
+            # section waited for it to leave the barrier.
+            self._writer = True
 
     def lock_release(self) -> None:
         self.flush()
         with self._cow_lock:
+            self._writer = False
             self._caching = False
             self._cache.clear()
+            self._store.drop_descriptors(keep_caching=False)
             self._header.release_write_lock()
 
     def is_exclusive_lock_owner(self) -> bool:
@@ -375,31 +414,59 @@ class Image:
 
     def read(self, offset: int, length: int, fadvise_flags: int = 0) -> bytes:
         """Read bytes; a range past the end is cut short, as librbd does."""
-        with self._io() as view:
+        fd, view = self._enter_io()
+        try:
             offset, length = self._clip(view, offset, length)
+            in_object = offset & (view.object_size - 1)
+            if 0 < length <= view.object_size - in_object:  # one object: the common case
+                return self._read_piece(view, offset >> view.order, in_object, offset, length)
             pieces = [
                 self._read_piece(view, objno, in_object, at, count)
                 for objno, in_object, at, count in self._extents(view, offset, length)
             ]
+        finally:
+            self._header.exit_io(fd)
         return b"".join(pieces)
 
     def write(self, data: bytes, offset: int, fadvise_flags: int = 0) -> int:
         """Write bytes at ``offset``; writing past the end is refused whole."""
         self._require_writer()
         buffer = memoryview(data).cast("B")
-        with self._io() as view:
-            validate.io_range(offset, len(buffer))
-            if offset + len(buffer) > view.size:
+        length = len(buffer)
+        fd, view = self._enter_io()
+        try:
+            validate.io_range(offset, length)
+            if offset + length > view.size:
                 raise errors.InvalidArgument(
-                    f"write of {len(buffer)} bytes at {offset} runs past the end of the "
+                    f"write of {length} bytes at {offset} runs past the end of the "
                     f"{view.size}-byte image"
                 )
-            for objno, in_object, at, count in self._extents(view, offset, len(buffer)):
-                self._write_piece(view, objno, in_object, buffer[at - offset : at - offset + count])
-        return len(buffer)
+            in_object = offset & (view.object_size - 1)
+            if 0 < length <= view.object_size - in_object:  # one object: the common case
+                self._write_piece(view, offset >> view.order, in_object, buffer)
+            else:
+                for objno, in_object, at, count in self._extents(view, offset, length):
+                    piece = buffer[at - offset : at - offset + count]
+                    self._write_piece(view, objno, in_object, piece)
+        finally:
+            self._header.exit_io(fd)
+        return length
 
     def _write_piece(self, view: _View, objno: int, in_object: int, data: memoryview) -> None:
-        self._change_object(view, objno, lambda seq: self._store.write(objno, seq, in_object, data))
+        """Write into head's writable version of ``objno`` (copied up first)."""
+        store = self._store
+        for _ in range(8):
+            self._make_writable(view, objno)
+            seq = self._record.seq
+            try:
+                store.write(objno, seq, in_object, data)
+            except FileNotFoundError:
+                # a discard on another thread removed the version between the two steps
+                self._cache.pop(objno, None)
+                continue
+            self._note_dirty(objno, seq)
+            return
+        raise errors.IOError(f"object {objno} keeps vanishing under a write")
 
     def _change_object(self, view: _View, objno: int, change: Callable[[int], None]) -> None:
         """Apply ``change(epoch)`` to head's writable version of ``objno`` (copied up first)."""
@@ -450,8 +517,12 @@ class Image:
                 self._store.fsync_directory()
 
     def _note_dirty(self, objno: int, epoch: int) -> None:
+        key = (objno, epoch)
+        if key in self._dirty:
+            # in the set a coming flush takes, which fsyncs after this write
+            return
         with self._state_lock:
-            self._dirty.add((objno, epoch))
+            self._dirty.add(key)
 
     def _note_directory_dirty(self) -> None:
         with self._state_lock:

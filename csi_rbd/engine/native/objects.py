@@ -25,15 +25,31 @@ A version nothing can read any more (not head, no snapshot's) is garbage and
 is unlinked by :meth:`ObjectStore.unlink` callers. Temporary files carry the
 writer's pid so that leftovers of a killed process can be told from work in
 progress.
+
+Descriptor cache. A store may keep the descriptors of versions it reads and
+writes open (:meth:`ObjectStore.cache_descriptors`, bounded, least recently
+used out first). That is only right where the name of a version keeps meaning
+the same file: its owner turns it on for a handle whose versions no one else
+replaces or unlinks without first moving the image's generation (the write
+lock holder's head, a snapshot), and drops the cache (:meth:`ObjectStore.
+drop_descriptors`) whenever the generation moved. The store itself forgets a
+version's descriptor whenever it renames a file onto that name or unlinks it;
+an open that raced with such a change is used once but never kept. A
+descriptor closes when the last user lets go of it (a reference count), so
+that a thread still reading through one that was just forgotten never reads
+another file that happened to get the same number.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import secrets
 import shutil
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +58,33 @@ from csi_rbd.engine.native import sparse
 
 _ABSENT_TARGET = "absent"
 _TMP_PREFIX = ".tmp."
+
+
+def _descriptor_budget() -> int:
+    """Descriptors one store may keep: a small share of the process's limit."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(8, min(256, soft // 16))
+
+
+DESCRIPTOR_BUDGET = _descriptor_budget()
+
+
+class _Descriptor:
+    """An open version; closed when the last reference goes."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 @dataclass(frozen=True)
@@ -71,9 +114,70 @@ class ObjectStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._prefix = os.path.join(directory, "")
+        self._fds: OrderedDict[int, _Descriptor] | None = None  # by _key(); None: off
+        self._fd_flags = os.O_RDONLY | os.O_CLOEXEC
+        self._fd_writable = False
+        self._fd_limit = DESCRIPTOR_BUDGET
+        self._fd_stamp = 0  # moves whenever a cached descriptor may have gone stale
+        self._fd_lock = threading.Lock()
 
     def path(self, objno: int, epoch: int) -> str:
-        return os.path.join(self.directory, version_name(objno, epoch))
+        return f"{self._prefix}{objno:016x}.{epoch:08x}"
+
+    # -- descriptor cache (see the design note) -------------------------------
+    def cache_descriptors(self, writable: bool, limit: int | None = None) -> None:
+        """Keep descriptors of versions open from now on (until dropped)."""
+        with self._fd_lock:
+            if self._fds is None or writable != self._fd_writable:
+                self._fd_stamp += 1
+                self._fds = OrderedDict()
+                self._fd_writable = writable
+                self._fd_flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+            if limit is not None:
+                self._fd_limit = max(1, limit)
+
+    def drop_descriptors(self, keep_caching: bool = True) -> None:
+        """Forget every kept descriptor (and stop keeping them unless ``keep_caching``)."""
+        with self._fd_lock:
+            self._fd_stamp += 1
+            if self._fds is not None:
+                self._fds = OrderedDict() if keep_caching else None
+
+    @property
+    def cached_descriptors(self) -> int:
+        fds = self._fds
+        return 0 if fds is None else len(fds)
+
+    def _forget(self, objno: int, epoch: int) -> None:
+        """The file named (objno, epoch) was replaced or unlinked (by this store)."""
+        if self._fds is None:
+            return
+        with self._fd_lock:
+            self._fd_stamp += 1
+            if self._fds is not None:
+                self._fds.pop(_key(objno, epoch), None)
+
+    def _descriptor(self, objno: int, epoch: int, flags: int) -> _Descriptor:
+        """An open descriptor of a version, from the cache when it is on."""
+        fds = self._fds
+        if fds is None or (flags != os.O_RDONLY and not self._fd_writable):
+            return _Descriptor(os.open(self.path(objno, epoch), flags | os.O_CLOEXEC))
+        key = _key(objno, epoch)
+        found = fds.get(key)
+        if found is not None:
+            with contextlib.suppress(KeyError):  # forgotten on another thread meanwhile
+                fds.move_to_end(key)
+            return found
+        stamp = self._fd_stamp
+        found = _Descriptor(os.open(self.path(objno, epoch), self._fd_flags))
+        with self._fd_lock:
+            # an unlink or rename since ``stamp`` may have made this one stale: use once
+            if stamp == self._fd_stamp and self._fds is fds:
+                fds[key] = found
+                while len(fds) > self._fd_limit:
+                    fds.popitem(last=False)
+        return found
 
     def ensure_directory(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
@@ -127,11 +231,9 @@ class ObjectStore:
     # -- reading --------------------------------------------------------------
     def read(self, objno: int, epoch: int, offset: int, length: int) -> bytes:
         """Bytes of a regular version; past its end reads zeros."""
-        fd = os.open(self.path(objno, epoch), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
+        # keep the reference while the descriptor is used: dropping it may close it
+        descriptor = self._descriptor(objno, epoch, os.O_RDONLY)
+        data = os.pread(descriptor.fd, length, offset)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
@@ -153,28 +255,26 @@ class ObjectStore:
     # -- writing a current version in place -----------------------------------
     def write(self, objno: int, epoch: int, offset: int, data: bytes | memoryview) -> None:
         """Write into an existing version; FileNotFoundError if it was discarded meanwhile."""
-        fd = os.open(self.path(objno, epoch), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            done = 0
+        descriptor = self._descriptor(objno, epoch, os.O_WRONLY)
+        done = os.pwrite(descriptor.fd, data, offset)
+        if done < len(data):
             view = memoryview(data)
             while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
-        finally:
-            os.close(fd)
+                done += os.pwrite(descriptor.fd, view[done:], offset + done)
 
     def punch(self, objno: int, epoch: int, offset: int, length: int) -> None:
-        fd = os.open(self.path(objno, epoch), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            sparse.punch_hole(fd, offset, length)
-        finally:
-            os.close(fd)
+        descriptor = self._descriptor(objno, epoch, os.O_WRONLY)
+        sparse.punch_hole(descriptor.fd, offset, length)
 
     # -- creating versions (atomic: temp file, fsync, rename) -----------------
     def _temp(self) -> str:
         return os.path.join(self.directory, f"{_TMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}")
 
     def _install(self, temp: str, objno: int, epoch: int) -> None:
-        os.rename(temp, self.path(objno, epoch))
+        try:
+            os.rename(temp, self.path(objno, epoch))
+        finally:
+            self._forget(objno, epoch)
 
     def create_copy(self, objno: int, epoch: int, source_epoch: int, limit: int | None) -> None:
         """A new version with the data of another regular version, cut at ``limit``."""
@@ -235,14 +335,24 @@ class ObjectStore:
             os.unlink(path)
         except FileNotFoundError:
             return False
+        finally:
+            self._forget(objno, epoch)
         return True
 
     def unlink(self, objno: int, epoch: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(objno, epoch))
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(objno, epoch))
+        finally:
+            self._forget(objno, epoch)
 
     # -- durability and housekeeping ------------------------------------------
     def fsync_version(self, objno: int, epoch: int) -> None:
+        fds = self._fds
+        kept = None if fds is None else fds.get(_key(objno, epoch))
+        if kept is not None:  # (``kept`` holds it open)
+            os.fsync(kept.fd)
+            return
         try:
             fd = os.open(self.path(objno, epoch), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -277,7 +387,12 @@ class ObjectStore:
                     os.unlink(entry.path)
 
     def remove_all(self) -> None:
+        self.drop_descriptors(keep_caching=False)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _key(objno: int, epoch: int) -> int:
+    return objno << 32 | epoch
 
 
 def process_alive(pid: int) -> bool:

@@ -45,10 +45,9 @@ class Runners:
     """Long-lived threads for long jobs (connections): a new one only when none is idle.
 
     The threads never exit before :meth:`close`, so the set of OS threads that
-    ever call the engine stays as small as the peak of concurrent connections.
-    That matters: the native engine keeps one descriptor per OS thread that did
-    I/O on an image until the image is closed, so a thread per connection would
-    leak one descriptor per connection.
+    ever call the engine stays as small as the peak of concurrent connections
+    (a thread costs its stack; the native engine's barrier descriptors follow
+    the I/O in flight, not the threads, so none of them leak either way).
     """
 
     def __init__(self, limit: int, name: str = "nbd-connection") -> None:
