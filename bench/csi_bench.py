@@ -1,7 +1,10 @@
-"""Benchmark of the CSI controller through gRPC: latency with few and with many volumes.
+"""Benchmark of the CSI controller through gRPC: latency with few and with many volumes,
+on the native engine and, with ``--ceph``, on the ceph engine in the same run.
 
     .venv/bin/python bench/csi_bench.py [--quick] [--sequential] [--background clones]
         [--profile FILE [--profile-clock cpu]] [--small N] [--large N] [--ops N]
+        [--ceph | --ceph-conf FILE [--ceph-user NAME] [--ceph-pools SMALL,LARGE]]
+        [--ceph-large N] [--keep]
 
 A real ``csi-rbd serve --mode controller`` runs as a subprocess on a unix
 socket over a fresh temporary data directory (started from this checkout);
@@ -9,17 +12,33 @@ this process is only a gRPC client, and every latency is the client's (what
 the external-provisioner and external-snapshotter sidecars wait for), gRPC
 round trip included.
 
-Two pools in that data directory are filled first, *through gRPC* with the
-same CreateVolume request the measured one sends: pool ``small`` with 100
-volumes and pool ``large`` with 10,000 (``--quick``: 100 and 1,000). By default
-they are empty 1 GiB volumes, four calls in flight; ``--background clones``
-makes one golden volume and a snapshot of it per pool and restores every other
-volume from that snapshot, one at a time (the driver refuses a second call on
-the same source with ABORTED), as VM disks cloned from a golden image are.
-Each pool has its own catalog and name journal, so an operation in ``large``
-sees a pool of 10,000 volumes and one in ``small`` a pool of 100; nothing in
-the measured paths is shared between pools but the process, its locks and the
-disk.
+``--ceph`` also starts a throwaway single-node Ceph cluster
+(tests/ceph/cluster.py: one monitor, one memstore OSD of 2 GiB, size-1 pools;
+removed at the end) with pools ``small`` and ``large``, and a second server,
+``csi-rbd serve --config FILE`` where FILE is ``{"clusters": [entry]}`` for that
+cluster (the ceph engine, librbd); every request that has a ``secrets`` field
+carries the cluster's CSI user (``userID``, ``userKey``), as a StorageClass
+secret would. ``--ceph-conf FILE`` uses an existing cluster instead, as
+``client.<--ceph-user>`` (default admin, key from the conf's keyring), in the
+pools ``--ceph-pools`` (default ``csi-bench-small,csi-bench-large``), which must
+exist and hold no images: the background volumes are left there. Both servers
+are measured in the same loop and every figure is printed for native, ceph and
+the ratio native/ceph (below 1: native is faster). The Ceph daemons' own CPU
+time is not in the "server CPU" figures: those are the csi-rbd server's.
+
+Two pools are filled first, *through gRPC* with the same CreateVolume request
+the measured one sends: pool ``small`` with 100 volumes and pool ``large`` with
+10,000 (``--quick``: 100 and 1,000). On Ceph the large pool gets
+``--ceph-large`` volumes (default 2,000; ``--quick``: 1,000; the header and
+tables print what was used): filling is slower there. By default they are
+empty 1 GiB volumes, four calls in flight; ``--background clones`` makes one
+golden volume and a snapshot of it per pool and restores every other volume
+from that snapshot, one at a time (the driver refuses a second call on the
+same source with ABORTED), as VM disks cloned from a golden image are. Each
+native pool has its own catalog and name journal, so an operation in
+``large`` sees a pool of 10,000 volumes and one in ``small`` a pool of 100;
+nothing in the measured paths is shared between pools but the process, its
+locks and the disk.
 
 Then each iteration runs, in one pool, the lifecycle a PVC snapshot/restore
 goes through, timing every call: CreateVolume (empty), CreateSnapshot of it,
@@ -27,40 +46,43 @@ CreateVolume from that snapshot, DeleteVolume of the restored clone,
 DeleteSnapshot, DeleteVolume of the (now plain) source. The pool therefore
 stays at its size. The machine is small and shared, so:
 
-* by default the pools alternate per iteration (small, large, large, small,
-  ...), so that a burst of outside load lands on both alike and the ratio
-  10k/100 compares like with like; ``--sequential`` runs every iteration on
-  ``small`` first and then every one on ``large``, the literal "first with 100
-  volumes, then with 10,000" (more exposed to drift);
+* by default the pools (and engines) alternate per iteration (small, large,
+  then large, small, ...; with Ceph: native-small, native-large, ceph-small,
+  ceph-large, then the reverse), so that a burst of outside load lands on all
+  alike and the ratios compare like with like; ``--sequential`` runs every
+  iteration on ``small`` first and then every one on ``large`` (per engine),
+  the literal "first with 100 volumes, then with 10,000" (more exposed to
+  drift);
 * in the same loop, after every lifecycle, references: a trivial RPC
   (GetPluginInfo; Probe too, which lists the pools) for the gRPC round trip, a
-  plain 4 KiB append + fsync in the data directory (each catalog change is a
-  SQLite WAL commit with synchronous=FULL, about one fsync) and a fixed piece
-  of pure-Python work. Their figures per pool tell what the machine did while
-  that pool was measured;
+  plain 4 KiB append + fsync in the scratch directory (each native catalog
+  change is a SQLite WAL commit with synchronous=FULL, about one fsync) and a
+  fixed piece of pure-Python work. Their figures per pool tell what the
+  machine did while that pool was measured;
 * around every call the server's threads' /proc schedstat is read: the CPU
   time the server spent on the call (a measure of its work that other load
   hardly changes) and how long it sat runnable without a CPU (what other load
   cost it). The header shows the kernel's CPU pressure and how busy the CPUs
   were while measuring.
 
-``--profile FILE`` runs the server under cProfile (one profiler per gRPC
-worker thread, merged when it stops) and prints the hottest functions;
-``--profile-clock cpu`` profiles each thread's CPU time instead of elapsed
-time. The latencies of such a run are inflated by the profiler.
+``--profile FILE`` runs the server(s) under cProfile (one profiler per gRPC
+worker thread, merged when it stops; the ceph server's goes to FILE.ceph) and
+prints the hottest functions; ``--profile-clock cpu`` profiles each thread's
+CPU time instead of elapsed time. The latencies of such a run are inflated by
+the profiler.
 
-The exit status is always 0: this reports, it does not gate.
+The targets (PASS/FAIL) are the native engine's. The exit status is always 0:
+this reports, it does not gate.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
+import json
 import math
 import os
-import platform
 import pstats
 import shutil
 import signal
@@ -74,23 +96,46 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+from common import (
+    REPO,
+    CephTarget,
+    GiB,
+    KiB,
+    MiB,
+    Report,
+    Table,
+    add_ceph_arguments,
+    ceph_target,
+    changed_sources_error,
+    fmt_ratio,
+    load_line,
+    log,
+    machine_lines,
+    ms,
+    percentile,
+    ratio_text,
+    run_step,
+    source_fingerprint,
+    timed,
+)
 
 from csi_rbd._proto import csi_pb2 as csi
 from csi_rbd._proto import csi_pb2_grpc
-from csi_rbd.engine.native import RBD, Rados
+from csi_rbd.config import ClusterConfig
+from csi_rbd.engine.factory import build_engine
+from csi_rbd.engine.native import Rados
 from csi_rbd.ids import SNAPSHOT_PREFIX, VOLUME_PREFIX
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
 LATENCY_TARGET_MS = 5.0
 SCALE_RATIO_TARGET = 1.5
 RPC_TIMEOUT = 120.0
-SMALL, LARGE = "small", "large"  # pool names
+SMALL, LARGE = "small", "large"  # the pools, by role
+NATIVE, CEPH = "native", "ceph"
 T = TypeVar("T")
 
 # The measured operations, in the order one iteration runs them; the first
@@ -117,9 +162,10 @@ REFS: dict[str, str] = {
 class Config:
     quick: bool
     small: int  # volumes in pool "small"
-    large: int  # volumes in pool "large"
-    ops: int  # measured iterations per pool
-    warmup: int  # discarded iterations per pool
+    large: int  # volumes in pool "large" (native)
+    ceph_large: int  # volumes in pool "large" on Ceph
+    ops: int  # measured iterations per pool and engine
+    warmup: int  # discarded iterations per pool and engine
     workers: int  # CreateVolume calls in flight while filling the pools
     sequential: bool
     background: str  # "plain" or "clones"
@@ -129,10 +175,13 @@ class Config:
     @classmethod
     def make(cls, args: argparse.Namespace) -> Config:
         quick = bool(args.quick)
+        large = args.large if args.large is not None else (1000 if quick else 10_000)
+        ceph_default = min(large, 1000 if quick else 2000)
         return cls(
             quick=quick,
             small=args.small if args.small is not None else 100,
-            large=args.large if args.large is not None else (1000 if quick else 10_000),
+            large=large,
+            ceph_large=args.ceph_large if args.ceph_large is not None else ceph_default,
             ops=args.ops if args.ops is not None else (30 if quick else 200),
             warmup=3 if quick else 10,
             workers=args.workers,
@@ -142,184 +191,22 @@ class Config:
             profile_clock=args.profile_clock,
         )
 
-    def volumes(self, pool: str) -> int:
-        return self.small if pool == SMALL else self.large
+    def volumes(self, engine: str, pool: str) -> int:
+        if pool == SMALL:
+            return self.small
+        return self.ceph_large if engine == CEPH else self.large
 
 
-# -- results (the same shape as engine_bench.py) ---------------------------------------
-@dataclass
-class Table:
-    title: str
-    headers: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, *cells: object) -> None:
-        self.rows.append([str(c) for c in cells])
-
-    def render(self) -> str:
-        widths = [len(h) for h in self.headers]
-        for row in self.rows:
-            for i, cell in enumerate(row):
-                widths[i] = max(widths[i], len(cell))
-        rule = "  ".join("-" * w for w in widths)
-
-        def line(cells: Sequence[str]) -> str:
-            first = cells[0].ljust(widths[0])
-            rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
-            return "  ".join([first, *rest]).rstrip()
-
-        out = [f"== {self.title}", line(self.headers), rule]
-        out += [line(row) for row in self.rows]
-        out += [f"   {note}" for note in self.notes]
-        return "\n".join(out)
-
-
-@dataclass
-class Target:
-    name: str
-    status: str  # PASS, FAIL or SKIP (not measured)
-    detail: str
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str = ""
-
-
-@dataclass
-class Report:
-    tables: list[Table] = field(default_factory=list)
-    targets: list[Target] = field(default_factory=list)
-    checks: list[Check] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)  # free-form blocks (profiles)
-
-    def target(self, name: str, passed: bool | None, detail: str) -> None:
-        status = "SKIP" if passed is None else "PASS" if passed else "FAIL"
-        self.targets.append(Target(name, status, detail))
-
-    def check(self, name: str, ok: bool, detail: str = "") -> None:
-        self.checks.append(Check(name, ok, detail))
-        if not ok:
-            log(f"CHECK FAILED: {name} {detail}")
-
-
-def log(message: str) -> None:
-    """Progress to stderr, so the report on stdout stays a clean table."""
-    print(f"# [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# -- statistics --------------------------------------------------------------------------
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}"
-
-
-def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}x"
-
-
-def ratio_text(numerator: float, denominator: float) -> str:
-    return fmt_ratio(numerator / denominator) if denominator > 0 else "n/a"
-
-
-def timed(call: Callable[[], T]) -> tuple[T, float]:
-    start = time.perf_counter()
-    result = call()
-    return result, time.perf_counter() - start
-
-
-# -- machine -----------------------------------------------------------------------------
-def filesystem_of(path: Path) -> str:
-    """'fstype on mountpoint (device)' of the mount holding ``path``."""
-    best = ("?", "", "?")
-    target = str(path.resolve())
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                device, mount, fstype = line.split()[:3]
-                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-                if inside and len(mount) >= len(best[1]):
-                    best = (device, mount, fstype)
-    except OSError:
-        pass
-    return f"{best[2]} on {best[1]} ({best[0]})"
-
-
-def mem_total() -> str:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
-    except OSError:
-        pass
-    return "?"
-
-
-def source_state() -> str:
-    """The commit measured, and which driver files differ from it (the tree may be dirty)."""
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return done.stdout.rstrip() if done.returncode == 0 else ""  # keep porcelain's columns
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--", "csi_rbd").splitlines()
-    if not changed:
-        return f"{commit} (csi_rbd clean)"
-    names = ", ".join(line[3:].removeprefix("csi_rbd/") for line in changed)
-    return f"{commit} + uncommitted changes in csi_rbd: {names}"
-
-
-def source_fingerprint() -> dict[str, str]:
-    """A hash per csi_rbd source file, to notice edits made while the benchmark runs."""
-    hashes: dict[str, str] = {}
-    for path in sorted((REPO / "csi_rbd").rglob("*.py")):
-        with contextlib.suppress(OSError):
-            hashes[str(path.relative_to(REPO))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return hashes
-
-
-def changed_sources(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    return sorted(
-        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+def mode_line(config: Config, engines: Sequence[str]) -> str:
+    order = "sequential (small first, then large)" if config.sequential else "interleaved"
+    return (
+        f"{'quick' if config.quick else 'full'}, {order}, {config.background} background "
+        f"volumes, engines: {' and '.join(engines)}"
+        + (f", server under cProfile ({config.profile_clock} clock)" if config.profile else "")
     )
 
 
-def machine_lines(base: Path, config: Config) -> list[str]:
-    load = os.getloadavg()
-    order = "sequential (small first, then large)" if config.sequential else "interleaved"
-    return [
-        f"source      : {source_state()}",
-        f"mode        : {'quick' if config.quick else 'full'}, {order}, "
-        f"{config.background} background volumes"
-        + (f", server under cProfile ({config.profile_clock} clock)" if config.profile else ""),
-        f"cpus        : {os.cpu_count()} (usable {len(os.sched_getaffinity(0))})",
-        f"memory      : {mem_total()}",
-        f"kernel      : {platform.system()} {platform.release()} {platform.machine()}",
-        f"python      : {platform.python_version()} ({sys.executable})",
-        f"grpcio      : {grpc.__version__}",
-        f"data dir    : {base / 'data'}",
-        f"filesystem  : {filesystem_of(base)}",
-        f"load (start): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
-        f"cpu pressure: {cpu_pressure()} (start)",
-    ]
-
-
+# -- machine -----------------------------------------------------------------------------
 def cpu_ticks() -> tuple[int, int, int]:
     """(busy, total, steal) jiffies of all CPUs since boot, from /proc/stat."""
     try:
@@ -412,13 +299,23 @@ sys.exit(main(argv))
 class Server:
     """A ``csi-rbd serve --mode controller`` process and stubs for it."""
 
-    def __init__(self, base: Path, profile: Path | None, clock: str = "wall") -> None:
+    def __init__(
+        self,
+        base: Path,
+        profile: Path | None,
+        clock: str = "wall",
+        config_file: Path | None = None,
+    ) -> None:
+        """A server in ``base``: on the native data directory ``base/data``, or
+        (``config_file``) on the clusters that file lists."""
+        base.mkdir(parents=True, exist_ok=True)
         self.base = base
         self.clock = clock
         self.data_dir = base / "data"
         self.socket = base / "csi.sock"
         self.log_path = base / "server.log"
         self.profile = profile
+        self.config_file = config_file
         self.process: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
 
@@ -434,6 +331,8 @@ class Server:
             "--node-id",
             "bench-node",
         ]
+        if self.config_file is not None:
+            serve += ["--config", str(self.config_file)]
         if self.profile is not None:
             return [sys.executable, "-c", _PROFILED_SERVER, str(self.profile), self.clock, *serve]
         return [sys.executable, "-m", "csi_rbd.cli", *serve]
@@ -518,10 +417,13 @@ MOUNT = csi.VolumeCapability(
 )
 
 
-def volume_request(name: str, pool: str, snapshot_id: str = "") -> csi.CreateVolumeRequest:
+def volume_request(
+    name: str, pool: str, secrets: dict[str, str], snapshot_id: str = ""
+) -> csi.CreateVolumeRequest:
     """What the external-provisioner sends (with --extra-create-metadata)."""
     request = csi.CreateVolumeRequest(
         name=name,
+        secrets=secrets,
         capacity_range=csi.CapacityRange(required_bytes=GiB),
         volume_capabilities=[MOUNT],
         parameters={
@@ -537,10 +439,13 @@ def volume_request(name: str, pool: str, snapshot_id: str = "") -> csi.CreateVol
     return request
 
 
-def snapshot_request(name: str, volume_id: str) -> csi.CreateSnapshotRequest:
+def snapshot_request(
+    name: str, volume_id: str, secrets: dict[str, str]
+) -> csi.CreateSnapshotRequest:
     """What the external-snapshotter sends (with --extra-create-metadata)."""
     return csi.CreateSnapshotRequest(
         name=name,
+        secrets=secrets,
         source_volume_id=volume_id,
         parameters={
             "csi.storage.k8s.io/volumesnapshot/name": name,
@@ -589,64 +494,154 @@ def cpu_work() -> int:
     return sum(i * i for i in range(20_000))
 
 
+class Side:
+    """One engine under test: its server, its pools, credentials and figures."""
+
+    def __init__(
+        self,
+        name: str,
+        server: Server,
+        pools: dict[str, str],
+        secrets: dict[str, str],
+        cluster: ClusterConfig,
+    ) -> None:
+        self.name = name
+        self.server = server
+        self.pools = pools  # role (small, large) -> the pool's name on this engine
+        self.secrets = secrets
+        self.cluster = cluster  # for the engine API (setup and verify)
+        self.samples = {SMALL: Samples(), LARGE: Samples()}
+        self.fill: dict[str, list[float]] = {}
+        self.fill_wall: dict[str, float] = {}
+        self.rss: dict[str, str] = {}
+
+
 class Bench:
-    def __init__(self, config: Config, base: Path, report: Report) -> None:
+    def __init__(
+        self,
+        config: Config,
+        base: Path,
+        report: Report,
+        ceph: CephTarget | None = None,
+        ceph_pools: tuple[str, str] = (SMALL, LARGE),
+    ) -> None:
         self.config = config
         self.base = base
         self.report = report
-        self.server = Server(base, config.profile, config.profile_clock)
-        self.samples = {SMALL: Samples(), LARGE: Samples()}
-        self.fill: dict[str, list[float]] = {}
-        self.rss: dict[str, str] = {}
+        self.ceph = ceph
+        native = Server(base / NATIVE, config.profile, config.profile_clock)
+        self.sides = [
+            Side(
+                NATIVE,
+                native,
+                {SMALL: SMALL, LARGE: LARGE},
+                {},
+                ClusterConfig(NATIVE, "native", data_dir=native.data_dir),
+            )
+        ]
+        if ceph is not None:
+            config_file = base / "ceph-clusters.yaml"
+            config_file.write_text(json.dumps({"clusters": [ceph.entry]}))  # JSON is YAML
+            profile = config.profile
+            server = Server(
+                base / CEPH,
+                None if profile is None else profile.with_name(profile.name + ".ceph"),
+                config.profile_clock,
+                config_file,
+            )
+            self.sides.append(
+                Side(
+                    CEPH,
+                    server,
+                    {SMALL: ceph_pools[0], LARGE: ceph_pools[1]},
+                    ceph.secrets,
+                    ceph.cluster_config(),
+                )
+            )
         self.busy = "?"  # how busy the machine was while measuring
-        self.ref_path = self.server.data_dir / "bench-fsync-reference.dat"
+        self.ref_path = base / "bench-fsync-reference.dat"
         self.ref_fd = -1
         self.block = os.urandom(4 * KiB)
 
+    def side(self, name: str) -> Side:
+        return next(s for s in self.sides if s.name == name)
+
     # -- setup ---------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Make the data directory and the two pools (engine API, before the server)."""
-        with Rados(data_dir=self.server.data_dir) as cluster:
-            for pool in (SMALL, LARGE):
-                cluster.create_pool(pool)
-        log(f"starting the server ({' '.join(self.server.command()[-9:])})")
-        self.server.start()
-        self.rss["started"] = rss_of(self.server.pid)
+        """Make (native, throwaway Ceph) or check (existing Ceph) the pools, then start
+        the servers."""
+        for side in self.sides:
+            if side.name == NATIVE:
+                with Rados(data_dir=side.server.data_dir) as cluster:
+                    for pool in side.pools.values():
+                        cluster.create_pool(pool)
+            else:
+                assert self.ceph is not None
+                if self.ceph.throwaway is not None:
+                    self.ceph.create_pools(list(side.pools.values()))
+                self.check_empty(side)
+            log(f"starting the {side.name} server ({' '.join(side.server.command()[-11:])})")
+            side.server.start()
+            side.rss["started"] = rss_of(side.server.pid)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         self.ref_fd = os.open(self.ref_path, flags, 0o644)
+
+    def check_empty(self, side: Side) -> None:
+        engine = build_engine(side.cluster)
+        try:
+            with engine.session(side.secrets) as cluster:
+                for pool in side.pools.values():
+                    if not cluster.pool_exists(pool):
+                        raise RuntimeError(f"{side.name}: pool {pool} does not exist")
+                    ioctx = cluster.open_ioctx(pool)
+                    try:
+                        found = engine.rbd.list(ioctx)
+                    finally:
+                        ioctx.close()
+                    if found:
+                        raise RuntimeError(
+                            f"{side.name}: pool {pool} holds {len(found)} images; the benchmark "
+                            "needs empty pools (--ceph-pools)"
+                        )
+        finally:
+            engine.close()
 
     def close(self) -> None:
         if self.ref_fd >= 0:
             os.close(self.ref_fd)
             self.ref_fd = -1
-        code = self.server.stop()
-        if code not in (None, 0):
-            self.report.errors.append(
-                f"the server exited with status {code}:\n         {self.server.log_tail()}"
-            )
+        for side in self.sides:
+            code = side.server.stop()
+            if code not in (None, 0):
+                self.report.errors.append(
+                    f"the {side.name} server exited with status {code}:\n         "
+                    f"{side.server.log_tail()}"
+                )
 
-    def populate(self, pool: str) -> None:
+    def populate(self, side: Side, pool: str) -> None:
         """Fill a pool through gRPC CreateVolume.
 
         ``plain``: empty volumes, ``--workers`` calls in flight. ``clones``: one
         golden volume and a snapshot of it, and every other volume restored from
         that snapshot, one call at a time (VM disks cloned from a golden image).
         """
-        count = self.config.volumes(pool)
-        controller = self.server.controller
+        count = self.config.volumes(side.name, pool)
+        controller = side.server.controller
         clones = self.config.background == "clones"
-        log(f"populate: {count} {self.config.background} volumes in pool {pool}")
+        name = side.pools[pool]
+        log(f"populate: {count} {self.config.background} volumes in {side.name} pool {name}")
         golden = ""
         if clones:
             source = controller.CreateVolume(
-                volume_request(f"bg-{pool}-golden", pool), timeout=RPC_TIMEOUT
+                volume_request(f"bg-{pool}-golden", name, side.secrets), timeout=RPC_TIMEOUT
             ).volume.volume_id
             golden = controller.CreateSnapshot(
-                snapshot_request(f"bg-{pool}-golden-snap", source), timeout=RPC_TIMEOUT
+                snapshot_request(f"bg-{pool}-golden-snap", source, side.secrets),
+                timeout=RPC_TIMEOUT,
             ).snapshot.snapshot_id
 
         def create(index: int) -> float:
-            request = volume_request(f"bg-{pool}-{index:05d}", pool, golden)
+            request = volume_request(f"bg-{pool}-{index:05d}", name, side.secrets, golden)
             _, seconds = timed(lambda: controller.CreateVolume(request, timeout=RPC_TIMEOUT))
             return seconds
 
@@ -661,15 +656,16 @@ class Bench:
                 latencies.append(seconds)
                 if index % 1000 == 0:
                     rate = index / (time.perf_counter() - start)
-                    log(f"populate {pool}: {index}/{count} ({rate:.0f} volumes/s)")
-        self.fill[pool] = latencies
-        self.fill[pool + "-wall"] = [time.perf_counter() - start]
-        self.rss[pool] = rss_of(self.server.pid)
+                    log(f"populate {side.name} {pool}: {index}/{count} ({rate:.0f} volumes/s)")
+        side.fill[pool] = latencies
+        side.fill_wall[pool] = time.perf_counter() - start
+        side.rss[pool] = rss_of(side.server.pid)
 
     # -- one iteration ---------------------------------------------------------------------
-    def lifecycle(self, pool: str, tag: str, samples: Samples | None) -> None:
+    def lifecycle(self, side: Side, pool: str, tag: str, samples: Samples | None) -> None:
         """Create, snapshot, restore, delete all three; timed into ``samples`` if given."""
-        controller, identity = self.server.controller, self.server.identity
+        server, secrets = side.server, side.secrets
+        controller, identity = server.controller, server.identity
         mine = f"/proc/self/task/{threading.get_native_id()}/schedstat"
 
         def call(key: str, rpc: Callable[[], T]) -> T:
@@ -681,13 +677,13 @@ class Bench:
             twice. Both may include a little of what the server does right after it
             replied (logging, returning the thread to the pool).
             """
-            server_before = self.server.schedstat()
+            server_before = server.schedstat()
             client_before = read_schedstat(mine)
             start = time.perf_counter()
             result = rpc()
             wall = time.perf_counter() - start
             client_after = read_schedstat(mine)
-            server_after = self.server.schedstat()
+            server_after = server.schedstat()
             if samples is not None:
                 cpu = waited = 0
                 for task, (run, wait) in server_after.items():
@@ -699,40 +695,47 @@ class Bench:
             return result
 
         name = f"{tag}-{pool}"
+        pool_name = side.pools[pool]
         volume_id = call(
             "create",
-            lambda: controller.CreateVolume(volume_request(name, pool), timeout=RPC_TIMEOUT),
+            lambda: controller.CreateVolume(
+                volume_request(name, pool_name, secrets), timeout=RPC_TIMEOUT
+            ),
         ).volume.volume_id
         snapshot_id = call(
             "snapshot",
             lambda: controller.CreateSnapshot(
-                snapshot_request(f"{name}-snap", volume_id), timeout=RPC_TIMEOUT
+                snapshot_request(f"{name}-snap", volume_id, secrets), timeout=RPC_TIMEOUT
             ),
         ).snapshot.snapshot_id
         restored = call(
             "restore",
             lambda: controller.CreateVolume(
-                volume_request(f"{name}-restored", pool, snapshot_id), timeout=RPC_TIMEOUT
+                volume_request(f"{name}-restored", pool_name, secrets, snapshot_id),
+                timeout=RPC_TIMEOUT,
             ),
         ).volume
         if samples is not None and restored.content_source.snapshot.snapshot_id != snapshot_id:
-            self.report.check("a restored volume names its source snapshot", False, name)
+            self.report.check(f"{side.name}: a restored volume names its source snapshot", False)
         call(
             "delete-clone",
             lambda: controller.DeleteVolume(
-                csi.DeleteVolumeRequest(volume_id=restored.volume_id), timeout=RPC_TIMEOUT
+                csi.DeleteVolumeRequest(volume_id=restored.volume_id, secrets=secrets),
+                timeout=RPC_TIMEOUT,
             ),
         )
         call(
             "delete-snapshot",
             lambda: controller.DeleteSnapshot(
-                csi.DeleteSnapshotRequest(snapshot_id=snapshot_id), timeout=RPC_TIMEOUT
+                csi.DeleteSnapshotRequest(snapshot_id=snapshot_id, secrets=secrets),
+                timeout=RPC_TIMEOUT,
             ),
         )
         call(
             "delete",
             lambda: controller.DeleteVolume(
-                csi.DeleteVolumeRequest(volume_id=volume_id), timeout=RPC_TIMEOUT
+                csi.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets),
+                timeout=RPC_TIMEOUT,
             ),
         )
         # the references, in the same loop
@@ -745,74 +748,102 @@ class Bench:
         os.write(self.ref_fd, self.block)
         os.fsync(self.ref_fd)
 
-    def schedule(self) -> Iterator[tuple[int, str]]:
-        """(iteration, pool) in the measuring order."""
+    def schedule(self) -> Iterator[tuple[int, Side, str]]:
+        """(iteration, engine, pool) in the measuring order."""
         n = self.config.ops
         if self.config.sequential:
             for pool in (SMALL, LARGE):
                 for i in range(n):
-                    yield i, pool
+                    for side in self.sides if i % 2 == 0 else reversed(self.sides):
+                        yield i, side, pool
             return
+        units = [(side, pool) for side in self.sides for pool in (SMALL, LARGE)]
         for i in range(n):
-            yield from ((i, p) for p in ((SMALL, LARGE) if i % 2 == 0 else (LARGE, SMALL)))
+            for side, pool in units if i % 2 == 0 else reversed(units):
+                yield i, side, pool
 
     def measure(self) -> None:
         c = self.config
-        for pool in (SMALL, LARGE):
-            log(f"warm-up: {c.warmup} discarded iterations in pool {pool}")
-            for i in range(c.warmup):
-                self.lifecycle(pool, f"warm{i:04d}", None)
-        log(f"measuring: {c.ops} iterations per pool")
+        for side in self.sides:
+            for pool in (SMALL, LARGE):
+                log(f"warm-up: {c.warmup} discarded iterations in {side.name} pool {pool}")
+                for i in range(c.warmup):
+                    self.lifecycle(side, pool, f"warm{i:04d}", None)
+        total = c.ops * 2 * len(self.sides)
+        log(f"measuring: {c.ops} iterations per pool and engine")
         ticks = cpu_ticks()
-        server = sum(run for run, _ in self.server.schedstat().values())
+        servers = {s.name: sum(run for run, _ in s.server.schedstat().values()) for s in self.sides}
         start = time.perf_counter()
-        for done, (i, pool) in enumerate(self.schedule(), 1):
-            self.lifecycle(pool, f"m{i:04d}", self.samples[pool])
+        for done, (i, side, pool) in enumerate(self.schedule(), 1):
+            self.lifecycle(side, pool, f"m{i:04d}", side.samples[pool])
             if done % 100 == 0:
-                log(f"measured {done}/{2 * c.ops}")
+                log(f"measured {done}/{total}")
         elapsed = time.perf_counter() - start
-        server = sum(run for run, _ in self.server.schedstat().values()) - server
         after = cpu_ticks()
-        busy, total, steal = (a - b for a, b in zip(after, ticks, strict=True))
-        if total > 0:
-            share = server / 1e9 / elapsed / len(os.sched_getaffinity(0))
-            self.busy = (
-                f"{busy / total:.0%} of {os.cpu_count()} CPUs busy over {elapsed:.1f} s "
-                f"(steal {steal / total:.1%}); the server's share {share:.0%}"
+        busy, total_ticks, steal = (a - b for a, b in zip(after, ticks, strict=True))
+        if total_ticks > 0:
+            cpus = len(os.sched_getaffinity(0))
+            shares = ", ".join(
+                f"{s.name} "
+                f"{(sum(r for r, _ in s.server.schedstat().values()) - servers[s.name]) / 1e9 / elapsed / cpus:.0%}"  # noqa: E501
+                for s in self.sides
             )
-        self.rss["end"] = rss_of(self.server.pid)
+            self.busy = (
+                f"{busy / total_ticks:.0%} of {os.cpu_count()} CPUs busy over {elapsed:.1f} s "
+                f"(steal {steal / total_ticks:.1%}); the servers' shares: {shares}"
+            )
+        for side in self.sides:
+            side.rss["end"] = rss_of(side.server.pid)
 
     # -- after ---------------------------------------------------------------------------------
     def verify(self) -> None:
-        """With the server stopped: each pool holds exactly its background volumes."""
-        with Rados(data_dir=self.server.data_dir) as cluster:
-            rbd = RBD()
-            for pool in (SMALL, LARGE):
-                ioctx = cluster.open_ioctx(pool)
-                names = rbd.list(ioctx)
-                volumes = sum(1 for n in names if n.startswith(VOLUME_PREFIX))
-                snapshots = sum(1 for n in names if n.startswith(SNAPSHOT_PREFIX))
-                trash = len(rbd.trash_list(ioctx))
-                journal = len(ioctx.omap_get("csi.volumes"))
-                snap_journal = len(ioctx.omap_get("csi.snapshots"))
-                want = self.config.volumes(pool)
-                snaps = 1 if self.config.background == "clones" else 0
-                found = (volumes, len(names) - volumes - snapshots, snapshots, trash)
-                journals = (journal, snap_journal)
-                self.report.check(
-                    f"pool {pool}: {want} volumes and {snaps} snapshots left, nothing else",
-                    found == (want, 0, snaps, 0) and journals == (want, snaps),
-                    f"{volumes} volume images, {snapshots} snapshot images, "
-                    f"{found[1]} other images, {trash} in trash, journal {journal} volume / "
-                    f"{snap_journal} snapshot names",
-                )
+        """With the servers stopped: each pool holds exactly its background volumes."""
+        for side in self.sides:
+            engine = build_engine(side.cluster)
+            try:
+                with engine.session(side.secrets) as cluster:
+                    for pool in (SMALL, LARGE):
+                        ioctx = cluster.open_ioctx(side.pools[pool])
+                        try:
+                            self.verify_pool(side, pool, engine.rbd, ioctx)
+                        finally:
+                            ioctx.close()
+            finally:
+                engine.close()
+
+    def verify_pool(self, side: Side, pool: str, rbd: Any, ioctx: Any) -> None:
+        names = rbd.list(ioctx)
+        volumes = sum(1 for n in names if n.startswith(VOLUME_PREFIX))
+        snapshots = sum(1 for n in names if n.startswith(SNAPSHOT_PREFIX))
+        trash = len(rbd.trash_list(ioctx))
+        journal = len(ioctx.omap_get("csi.volumes"))
+        snap_journal = len(ioctx.omap_get("csi.snapshots"))
+        want = self.config.volumes(side.name, pool)
+        snaps = 1 if self.config.background == "clones" else 0
+        found = (volumes, len(names) - volumes - snapshots, snapshots, trash)
+        journals = (journal, snap_journal)
+        self.report.check(
+            f"{side.name} pool {side.pools[pool]}: {want} volumes and {snaps} snapshots left, "
+            "nothing else",
+            found == (want, 0, snaps, 0) and journals == (want, snaps),
+            f"{volumes} volume images, {snapshots} snapshot images, "
+            f"{found[1]} other images, {trash} in trash, journal {journal} volume / "
+            f"{snap_journal} snapshot names",
+        )
 
     def tables(self) -> None:
+        for side in self.sides:
+            self.scaling_tables(side)
+        if len(self.sides) > 1:
+            self.engine_table()
+        self.fill_table()
+
+    def scaling_tables(self, side: Side) -> None:
         c = self.config
-        small, large = self.samples[SMALL], self.samples[LARGE]
-        n_small, n_large = c.small, c.large
+        small, large = side.samples[SMALL], side.samples[LARGE]
+        n_small, n_large = c.volumes(side.name, SMALL), c.volumes(side.name, LARGE)
         table = Table(
-            f"gRPC latency with {n_small} vs {n_large} volumes in the pool, "
+            f"{side.name}: gRPC latency with {n_small} vs {n_large} volumes in the pool, "
             f"{c.ops} operations each (ms, client side)",
             [
                 "operation",
@@ -832,10 +863,11 @@ class Bench:
                 ms(large.p99(key)),
                 fmt_ratio(large.median(key) / small.median(key)),
             )
+        units = "engines and pools" if len(self.sides) > 1 else "pools"
         order = (
             f"all {n_small}-volume iterations first, then all {n_large}-volume ones"
             if c.sequential
-            else "the pools alternate per iteration (small, large, large, small, ...)"
+            else f"the {units} alternate per iteration (ABBA)"
         )
         rank = math.ceil(0.99 * c.ops)
         table.notes += [
@@ -849,7 +881,7 @@ class Bench:
         self.report.tables.append(table)
 
         split = Table(
-            "server CPU time and waits for a CPU, medians over the same calls (ms)",
+            f"{side.name}: server CPU time and waits for a CPU, medians over the same calls (ms)",
             [
                 "operation",
                 f"{n_small}: server CPU",
@@ -876,52 +908,106 @@ class Bench:
             "other load on the machine. Both may include a little of what the server does",
             "just after replying. The client-side references show the client's wait only.",
         ]
+        if side.name == CEPH:
+            split.notes.append("ceph: the csi-rbd server's CPU only, not the Ceph daemons'.")
         self.report.tables.append(split)
 
+    def engine_table(self) -> None:
+        """native vs ceph, per operation and pool: medians and their ratio."""
+        c = self.config
+        native, ceph = self.side(NATIVE), self.side(CEPH)
+        headers = ["operation"]
+        for pool in (SMALL, LARGE):
+            n, k = c.volumes(NATIVE, pool), c.volumes(CEPH, pool)
+            sizes = f"{n}" if n == k else f"{n}/{k}"
+            headers += [f"{pool} ({sizes}): native", "ceph", "native/ceph"]
+        headers.append("server CPU native/ceph (small)")
+        table = Table(
+            f"native vs ceph: median gRPC latency, {c.ops} operations each (ms, client side)",
+            headers,
+        )
+        for key, label in {**OPS, **REFS}.items():
+            cells = [label]
+            for pool in (SMALL, LARGE):
+                a, b = native.samples[pool].median(key), ceph.samples[pool].median(key)
+                cells += [ms(a), ms(b), ratio_text(a, b)]
+            if key in OPS:  # the references are client-side work: no server CPU to compare
+                cells.append(
+                    ratio_text(
+                        native.samples[SMALL].cpu_median(key), ceph.samples[SMALL].cpu_median(key)
+                    )
+                )
+            table.add(*cells)
+        table.notes += [
+            "ratio = native median / ceph median: below 1, native is faster;",
+            "the column headers give the volumes in the pool (native/ceph when they differ:",
+            f"the large Ceph pool holds {c.ceph_large}, see --ceph-large);",
+            "both servers measured in the same loop, engines and pools alternating (ABBA);",
+            f"ceph: {self.ceph.description if self.ceph else '?'}.",
+        ]
+        self.report.tables.append(table)
+
+    def fill_table(self) -> None:
+        c = self.config
         fill = Table(
             f"pools ({c.background} background volumes, created through gRPC CreateVolume)",
-            ["pool", "volumes", "wall", "per volume median", "first 10% median", "last 10% median"],
+            [
+                "engine",
+                "pool",
+                "volumes",
+                "wall",
+                "per volume median",
+                "first 10% median",
+                "last 10% median",
+            ],
         )
-        for pool in (SMALL, LARGE):
-            values = self.fill.get(pool, [])
-            if not values:
-                continue
-            tenth = max(1, len(values) // 10)
-            fill.add(
-                pool,
-                c.volumes(pool),
-                f"{self.fill[pool + '-wall'][0]:.1f} s",
-                f"{ms(statistics.median(values))} ms",
-                f"{ms(statistics.median(values[:tenth]))} ms",
-                f"{ms(statistics.median(values[-tenth:]))} ms",
-            )
+        for side in self.sides:
+            for pool in (SMALL, LARGE):
+                values = side.fill.get(pool, [])
+                if not values:
+                    continue
+                tenth = max(1, len(values) // 10)
+                fill.add(
+                    side.name,
+                    side.pools[pool],
+                    c.volumes(side.name, pool),
+                    f"{side.fill_wall[pool]:.1f} s",
+                    f"{ms(statistics.median(values))} ms",
+                    f"{ms(statistics.median(values[:tenth]))} ms",
+                    f"{ms(statistics.median(values[-tenth:]))} ms",
+                )
         in_flight = 1 if c.background == "clones" else c.workers
         if c.background == "clones":
             fill.notes.append(
                 "per pool: one golden volume and a snapshot of it first (not in the figures),"
             )
             fill.notes.append("then every other volume restored from that snapshot;")
+        native = self.side(NATIVE).server.data_dir
         fill.notes += [
             f"{in_flight} CreateVolume call(s) in flight (the server has 16 workers); per-volume",
             "figures are client latencies under that concurrency, not comparable with the above.",
-            f"files: small: {pool_files(self.server.data_dir, SMALL)}; "
-            f"large: {pool_files(self.server.data_dir, LARGE)}",
-            f"server RSS: started {self.rss.get('started', '?')}, after filling small "
-            f"{self.rss.get(SMALL, '?')}, large {self.rss.get(LARGE, '?')}, "
-            f"end {self.rss.get('end', '?')}",
+            f"native files: small: {pool_files(native, SMALL)}; large: {pool_files(native, LARGE)}",
         ]
+        for side in self.sides:
+            fill.notes.append(
+                f"{side.name} server RSS: started {side.rss.get('started', '?')}, after filling "
+                f"small {side.rss.get(SMALL, '?')}, large {side.rss.get(LARGE, '?')}, "
+                f"end {side.rss.get('end', '?')}"
+            )
         self.report.tables.append(fill)
 
     def targets(self) -> None:
+        """The native engine's targets."""
         c = self.config
-        small, large = self.samples[SMALL], self.samples[LARGE]
+        side = self.side(NATIVE)
+        small, large = side.samples[SMALL], side.samples[LARGE]
         for pool, samples in ((SMALL, small), (LARGE, large)):
             refs = (
                 f"same loop: fsync {ms(samples.median('fsync'))}, "
                 f"GetPluginInfo {ms(samples.median('info'))}, "
                 f"CPU work {ms(samples.median('cpu'))} ms"
             )
-            within = f"<= {LATENCY_TARGET_MS:g} ms with {c.volumes(pool)} volumes"
+            within = f"<= {LATENCY_TARGET_MS:g} ms with {c.volumes(NATIVE, pool)} volumes"
             for key in TARGET_OPS:
                 median = samples.median(key)
                 self.report.target(
@@ -947,76 +1033,46 @@ class Bench:
             )
 
     def profile_text(self) -> None:
-        path = self.config.profile
-        if path is None:
+        if self.config.profile is None:
             return
-        if not path.exists():
-            self.report.errors.append(f"no profile written to {path} (did the server stop?)")
-            return
-        for order, count in (("tottime", 30), ("cumulative", 40)):
-            out = io.StringIO()
-            stats = pstats.Stats(str(path), stream=out)
-            stats.strip_dirs().sort_stats(order).print_stats(count)
-            text = "\n".join(line.rstrip() for line in out.getvalue().strip().splitlines())
-            self.report.texts.append(
-                f"== server profile ({self.config.profile_clock} clock, all gRPC worker "
-                f"threads, whole run: filling and measuring), by {order}\n{text}"
-            )
+        for side in self.sides:
+            path = side.server.profile
+            assert path is not None
+            if not path.exists():
+                self.report.errors.append(
+                    f"no {side.name} profile written to {path} (did the server stop?)"
+                )
+                continue
+            for order, count in (("tottime", 30), ("cumulative", 40)):
+                out = io.StringIO()
+                stats = pstats.Stats(str(path), stream=out)
+                stats.strip_dirs().sort_stats(order).print_stats(count)
+                text = "\n".join(line.rstrip() for line in out.getvalue().strip().splitlines())
+                self.report.texts.append(
+                    f"== {side.name} server profile ({self.config.profile_clock} clock, all gRPC "
+                    f"worker threads, whole run: filling and measuring), by {order}\n{text}"
+                )
 
 
 # -- main --------------------------------------------------------------------------------
-def run_step(report: Report, name: str, action: Callable[[], None]) -> bool:
-    log(f"step {name}")
-    start = time.perf_counter()
-    try:
-        action()
-    except Exception as exc:  # a broken step is reported, and the report still prints
-        traceback.print_exc(file=sys.stderr)
-        detail = ""
-        if isinstance(exc, grpc.RpcError):
-            detail = f" ({exc.code()}: {exc.details()})"
-        report.errors.append(f"step {name}: {type(exc).__name__}: {exc}{detail}")
-        return False
-    finally:
-        log(f"step {name} took {time.perf_counter() - start:.1f} s")
-    return True
+def describe_rpc_error(exc: Exception) -> str:
+    return f" ({exc.code()}: {exc.details()})" if isinstance(exc, grpc.RpcError) else ""
 
 
 def print_report(report: Report, header: list[str], wall: float, busy: str) -> None:
     print("csi-rbd CSI controller benchmark (gRPC, csi-rbd serve --mode controller)")
     print("\n".join(header))
-    load = os.getloadavg()
-    print(f"load (end)  : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(load_line())
     print(f"cpu pressure: {cpu_pressure()} (end)")
     print(f"measuring   : {busy}")
     print(f"total time  : {wall:.1f} s")
-    for table in report.tables:
-        print()
-        print(table.render())
-    for text in report.texts:
-        print()
-        print(text)
-    if report.checks:
-        print()
-        print("== correctness checks")
-        for check in report.checks:
-            detail = f"  ({check.detail})" if check.detail else ""
-            print(f"{'OK ' if check.ok else 'BAD'}  {check.name}{detail}")
-    if report.errors:
-        print()
-        print("== errors")
-        for error in report.errors:
-            print(f"ERROR  {error}")
-    print()
-    print("== targets")
-    for target in report.targets:
-        print(f"{target.status}  {target.name}: {target.detail}")
+    print(report.render_body())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark CSI controller calls with few and many volumes "
-        "(reports, never gates)."
+        description="Benchmark CSI controller calls with few and many volumes, on the native "
+        "engine and with --ceph on the ceph engine too (reports, never gates)."
     )
     parser.add_argument(
         "--quick", action="store_true", help="1,000 volumes, 30 iterations: a smoke run (~30 s)"
@@ -1032,7 +1088,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--large", type=int, default=None, help="volumes in the large pool (10,000; quick 1,000)"
     )
     parser.add_argument(
-        "--ops", type=int, default=None, help="measured iterations per pool (200; quick 30)"
+        "--ops",
+        type=int,
+        default=None,
+        help="measured iterations per pool and engine (200; quick 30)",
     )
     parser.add_argument(
         "--workers", type=int, default=4, help="CreateVolume calls in flight while filling (4)"
@@ -1053,7 +1112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="FILE",
-        help="run the server under cProfile, write pstats to FILE and print the hot functions",
+        help="run the server(s) under cProfile, write pstats to FILE (and FILE.ceph) and "
+        "print the hot functions",
     )
     parser.add_argument(
         "--profile-clock",
@@ -1062,12 +1122,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="what the profile measures: elapsed time (default; includes fsync and waits "
         "for a CPU) or each thread's CPU time",
     )
+    add_ceph_arguments(parser)
+    parser.add_argument(
+        "--ceph-pools",
+        default="csi-bench-small,csi-bench-large",
+        metavar="SMALL,LARGE",
+        help="with --ceph-conf: two existing, empty pools to fill (default "
+        "csi-bench-small,csi-bench-large)",
+    )
+    parser.add_argument(
+        "--ceph-large",
+        type=int,
+        default=None,
+        help="volumes in the large pool on Ceph (2,000; quick 1,000; at most --large)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
-    for name in ("small", "large", "ops", "workers"):
+    for name in ("small", "large", "ops", "workers", "ceph_large"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            parser.error(f"--{name} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    pools = args.ceph_pools.split(",")
+    if len(pools) != 2 or not all(pools):
+        parser.error("--ceph-pools takes two pool names: SMALL,LARGE")
+    args.ceph_pools = (pools[0], pools[1])
     if args.profile is not None:
         args.profile = args.profile.resolve()
     return args
@@ -1080,41 +1158,68 @@ def main(argv: list[str] | None = None) -> int:
     parent.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="csi-bench-", dir=parent))
     report = Report()
-    header = machine_lines(base, config)
+    with_ceph = bool(args.ceph or args.ceph_conf)
+    engines = [NATIVE, CEPH] if with_ceph else [NATIVE]
+    header = machine_lines(
+        "csi_rbd",
+        mode_line(config, engines),
+        base,
+        extra=[f"grpcio      : {grpc.__version__}"],
+    )
+    header.append(f"cpu pressure: {cpu_pressure()} (start)")
+    header.append(
+        f"volumes     : native small {config.small}, large {config.large}"
+        + (f"; ceph small {config.small}, large {config.ceph_large}" if with_ceph else "")
+    )
     start = time.perf_counter()
     fingerprint = source_fingerprint()
-    bench = Bench(config, base, report)
+    ceph: CephTarget | None = None
+    bench: Bench | None = None
     measured = False
     try:
-        measured = (
-            run_step(report, "start", bench.prepare)
-            and run_step(report, f"populate {SMALL}", lambda: bench.populate(SMALL))
-            and run_step(report, f"populate {LARGE}", lambda: bench.populate(LARGE))
-            and run_step(report, "measure", bench.measure)
-        )
-        if not measured and bench.server.process is not None and not bench.server.alive():
-            report.errors.append(f"the server died:\n         {bench.server.log_tail()}")
+        if with_ceph:
+            ceph = ceph_target(base / "ceph-cluster", args.ceph_conf, args.ceph_user)
+            header.append(f"ceph        : {ceph.description}")
+        pools = (SMALL, LARGE) if ceph is None or ceph.throwaway else args.ceph_pools
+        bench = Bench(config, base, report, ceph, pools)
+        steps: list[tuple[str, Callable[[], None]]] = [("start", bench.prepare)]
+        for side in bench.sides:
+            for pool in (SMALL, LARGE):
+                steps.append((f"populate {side.name} {pool}", partial(bench.populate, side, pool)))
+        steps.append(("measure", bench.measure))
+        measured = all(run_step(report, n, a, describe_rpc_error) for n, a in steps)
+        if not measured:
+            for side in bench.sides:
+                if side.server.process is not None and not side.server.alive():
+                    report.errors.append(
+                        f"the {side.name} server died:\n         {side.server.log_tail()}"
+                    )
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        report.errors.append(f"setup: {type(exc).__name__}: {exc}")
     finally:
-        bench.close()
-    if measured:
+        if bench is not None:
+            bench.close()
+    if bench is not None and measured:
         run_step(report, "verify", bench.verify)
         run_step(report, "tables", bench.tables)
         run_step(report, "targets", bench.targets)
     else:
         report.target("latency and scaling targets", None, "not measured (see errors)")
-    run_step(report, "profile", bench.profile_text)
+    if bench is not None:
+        run_step(report, "profile", bench.profile_text)
+    if ceph is not None:
+        ceph.stop()
     if args.keep:
         log(f"kept {base}")
     else:
         shutil.rmtree(base, ignore_errors=True)
-    changed = changed_sources(fingerprint, source_fingerprint())
+    changed = changed_sources_error(
+        fingerprint, "(The servers imported the code at their start; the verify step later.)"
+    )
     if changed:
-        shown = ", ".join(changed[:12]) + (f" and {len(changed) - 12} more" if changed[12:] else "")
-        report.errors.append(
-            f"sources changed while the benchmark ran: {shown} (the server imported the code "
-            "at its start; the verify step later)"
-        )
-    print_report(report, header, time.perf_counter() - start, bench.busy)
+        report.errors.append(changed)
+    print_report(report, header, time.perf_counter() - start, bench.busy if bench else "?")
     sys.stdout.flush()
     return 0
 

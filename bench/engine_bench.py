@@ -1,40 +1,60 @@
-"""Benchmark of the native engine: figures and PASS/FAIL per target; it never gates.
+"""Benchmark of the storage engines: figures and PASS/FAIL per target; it never gates.
 
     .venv/bin/python bench/engine_bench.py [--quick] [--data-dir DIR] [--cli-wait SECONDS]
+        [--sections seq,rand,...] [--ceph | --ceph-conf FILE [--ceph-user NAME]
+        [--ceph-pool POOL]] [--keep]
+
+Measures the native engine (csi_rbd/engine/native) and, with ``--ceph`` or
+``--ceph-conf``, the ceph engine (csi_rbd/engine/ceph, librbd) in the same run
+through the same python-rbd-shaped API (both built by
+``csi_rbd.engine.factory.build_engine``). ``--ceph`` starts a throwaway
+single-node cluster (tests/ceph/cluster.py: one monitor, one memstore OSD of
+2 GiB, size-1 pools; removed at the end) and connects as its ``client.csi``
+user; ``--ceph-conf FILE`` uses an existing cluster as ``client.<--ceph-user>``
+(default admin, key from the conf's keyring) in ``--ceph-pool`` (default
+``rbd``), which must be an empty scratch pool: the benchmark leaves its images
+there. Every figure is then printed for native, ceph, and the ratio
+native/ceph (above 1: native is faster, or uses more, for latencies and memory).
 
 The machine is small and shared, so every throughput figure is printed next to
 a reference measured in the same run with the same access pattern: plain file
 I/O with os.pwrite/os.pread on one sparse file in the same directory, with the
 same block sizes, the same offsets and the same flush policy (one flush/fsync
-at the end of each write phase). Engine and plain runs alternate (ABBA) over
-several rounds and the ratio is the median of the per-round ratios.
+at the end of each write phase). Plain and engine runs alternate (ABBA: plain,
+native, ceph, then ceph, native, plain) over several rounds and each ratio is
+the median of the per-round ratios.
 
-Reads are served from the page cache for both (nothing is dropped between the
-write and read phases; the benchmark runs as any user).
+Reads are served from the page cache for plain and native (nothing is dropped
+between the write and read phases; the benchmark runs as any user); the ceph
+engine's reads come from the OSD (memstore: RAM) through librbd.
 
 Metadata latencies (create, snapshot, clone, resize) are taken interleaved,
-one of each per iteration, next to a plain 4 KiB append + fsync as the
-reference: each of those operations is one SQLite WAL commit, about one fsync.
+one of each per iteration and engine, next to a plain 4 KiB append + fsync as
+the reference: each of those native operations is one SQLite WAL commit,
+about one fsync; on Ceph they are monitor/OSD round trips.
 
 Sections (``--sections`` picks some): seq, rand, latency, clone-size,
 many-clones, flatten, cli (import/export through the ``csi-rbd`` CLI). The
 memory sections run the measured operation in a fresh child process, started
 through a tiny fork() launcher, and take that process's own peak RSS from
-wait4(2) (see ``run_child`` for why not straight from here). ``--cli-wait``
-polls for the CLI (every 60 s) when it is not installed yet.
+wait4(2) (see ``run_child`` for why not straight from here); on Ceph that is
+the librbd client's memory only, not the OSD's. Skipped on Ceph, with the
+reason printed: cli (the ``csi-rbd image`` commands work on native data
+directories only), and flatten when the image (4 GiB in a full run) does not
+fit the throwaway cluster's memstore. ``--cli-wait`` polls for the CLI (every
+60 s) when it is not installed yet.
 
-The exit status is always 0: this reports, it does not gate.
+The targets (PASS/FAIL) are the native engine's. The exit status is always 0:
+this reports, it does not gate.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -44,22 +64,51 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from csi_rbd.engine.native import RBD, Image, ImageNotFound, IoCtx, Rados
+from common import (
+    BENCH_DIR,
+    MEMSTORE_BYTES,
+    CephTarget,
+    GiB,
+    KiB,
+    MiB,
+    Report,
+    Table,
+    TiB,
+    add_ceph_arguments,
+    ceph_target,
+    changed_sources_error,
+    fmt_mib,
+    fmt_ratio,
+    load_line,
+    log,
+    machine_lines,
+    ms,
+    percentile,
+    ratio_text,
+    run_step,
+    source_fingerprint,
+    stopwatch,
+)
 
-KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-BENCH_DIR = Path(__file__).resolve().parent
+from csi_rbd.config import ClusterConfig
+from csi_rbd.engine.base import Engine
+from csi_rbd.engine.factory import build_engine
+from csi_rbd.engine.native import Image, ImageNotFound, Rados
+
 RSS_CHILD = BENCH_DIR / "rss_child.py"
 ALL_SECTIONS = ("seq", "rand", "latency", "clone-size", "many-clones", "flatten", "cli")
 LATENCY_TARGET_MS = 2.0
 CLONE_RATIO_TARGET = 1.2
 THROUGHPUT_RATIO_TARGET = 0.5
 RSS_TARGET = 200 * MiB
+PLAIN, NATIVE, CEPH = "plain", "native", "ceph"
+SECRETS_ENV = "CSI_RBD_BENCH_SECRETS"  # how rss_child.py gets the Ceph credentials
+T = TypeVar("T")
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -114,180 +163,32 @@ class Config:
         )
 
 
-# -- results -----------------------------------------------------------------------------
-@dataclass
-class Table:
-    title: str
-    headers: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+# -- the engines under test -----------------------------------------------------------------
+class Side:
+    """One engine under test: a connected handle and an IoCtx on its pool, for the run."""
 
-    def add(self, *cells: object) -> None:
-        self.rows.append([str(c) for c in cells])
+    def __init__(self, name: str, engine: Engine, secrets: dict[str, str] | None) -> None:
+        self.name = name
+        self.engine = engine
+        self.secrets = secrets
+        self.stack = contextlib.ExitStack()
+        self.cluster: Any = self.stack.enter_context(engine.session(secrets))
+        self.ioctx: Any = self.cluster.open_ioctx(engine.default_pool)
+        self.rbd: Any = engine.rbd
 
-    def render(self) -> str:
-        widths = [len(h) for h in self.headers]
-        for row in self.rows:
-            for i, cell in enumerate(row):
-                widths[i] = max(widths[i], len(cell))
-        rule = "  ".join("-" * w for w in widths)
+    def image(self, name: str, **kwargs: Any) -> Any:
+        return self.engine.open_image(self.ioctx, name, **kwargs)
 
-        def line(cells: Sequence[str]) -> str:
-            first = cells[0].ljust(widths[0])
-            rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
-            return "  ".join([first, *rest]).rstrip()
-
-        out = [f"== {self.title}", line(self.headers), rule]
-        out += [line(row) for row in self.rows]
-        out += [f"   {note}" for note in self.notes]
-        return "\n".join(out)
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ioctx.close()
+        self.stack.close()
+        self.engine.close()
 
 
-@dataclass
-class Target:
-    name: str
-    status: str  # PASS, FAIL or SKIP (not measured)
-    detail: str
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str = ""
-
-
-@dataclass
-class Report:
-    tables: list[Table] = field(default_factory=list)
-    targets: list[Target] = field(default_factory=list)
-    checks: list[Check] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def target(self, name: str, passed: bool | None, detail: str) -> None:
-        status = "SKIP" if passed is None else "PASS" if passed else "FAIL"
-        self.targets.append(Target(name, status, detail))
-
-    def check(self, name: str, ok: bool, detail: str = "") -> None:
-        self.checks.append(Check(name, ok, detail))
-        if not ok:
-            log(f"CHECK FAILED: {name} {detail}")
-
-
-def log(message: str) -> None:
-    """Progress to stderr, so the report on stdout stays a clean table."""
-    print(f"# [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# -- statistics --------------------------------------------------------------------------
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}"
-
-
-def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}x"
-
-
-def fmt_mib(n: float) -> str:
-    return f"{n / MiB:.1f} MiB"
-
-
-@contextmanager
-def stopwatch() -> Iterator[list[float]]:
-    """``with stopwatch() as t: ...`` then ``t[0]`` is the elapsed seconds."""
-    box = [0.0]
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box[0] = time.perf_counter() - start
-
-
-# -- machine -----------------------------------------------------------------------------
-def filesystem_of(path: Path) -> str:
-    """'fstype on mountpoint (device)' of the mount holding ``path``."""
-    best = ("?", "", "?")
-    target = str(path.resolve())
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                device, mount, fstype = line.split()[:3]
-                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-                if inside and len(mount) >= len(best[1]):
-                    best = (device, mount, fstype)
-    except OSError:
-        pass
-    return f"{best[2]} on {best[1]} ({best[0]})"
-
-
-def mem_total() -> str:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
-    except OSError:
-        pass
-    return "?"
-
-
-def source_state() -> str:
-    """The commit measured, and which engine files differ from it (the tree may be dirty)."""
-    repo = BENCH_DIR.parent
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return done.stdout.rstrip() if done.returncode == 0 else ""  # keep porcelain's columns
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--", "csi_rbd/engine").splitlines()
-    if not changed:
-        return f"{commit} (csi_rbd/engine clean)"
-    names = ", ".join(line[3:].removeprefix("csi_rbd/engine/") for line in changed)
-    return f"{commit} + uncommitted changes in csi_rbd/engine: {names}"
-
-
-def source_fingerprint() -> dict[str, str]:
-    """A hash per csi_rbd source file, to notice edits made while the benchmark runs
-    (children import the code afresh, so a mid-run edit may mix versions)."""
-    root = BENCH_DIR.parent
-    hashes: dict[str, str] = {}
-    for path in sorted((root / "csi_rbd").rglob("*.py")):
-        with contextlib.suppress(OSError):
-            hashes[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return hashes
-
-
-def changed_sources(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    return sorted(
-        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
-    )
-
-
-def machine_lines(base: Path, config: Config) -> list[str]:
-    load = os.getloadavg()
-    return [
-        f"source      : {source_state()}",
-        f"mode        : {'quick' if config.quick else 'full'}",
-        f"cpus        : {os.cpu_count()} (usable {len(os.sched_getaffinity(0))})",
-        f"memory      : {mem_total()}",
-        f"kernel      : {platform.system()} {platform.release()} {platform.machine()}",
-        f"python      : {platform.python_version()} ({sys.executable})",
-        f"data dir    : {base}",
-        f"filesystem  : {filesystem_of(base)}",
-        f"load (start): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
-    ]
+def order_of(kinds: Sequence[T], rnd: int) -> list[T]:
+    """ABBA over any number of kinds: in order on even rounds, reversed on odd ones."""
+    return list(kinds) if rnd % 2 == 0 else list(reversed(kinds))
 
 
 # -- plain-file reference ----------------------------------------------------------------
@@ -315,7 +216,7 @@ def plain_read(fd: int, offsets: Sequence[int], length: int) -> float:
     return time.perf_counter() - start
 
 
-def engine_write(image: Image, offsets: Sequence[int], data: bytes) -> tuple[float, float]:
+def engine_write(image: Any, offsets: Sequence[int], data: bytes) -> tuple[float, float]:
     """Image.write ``data`` at each offset, then flush; (total seconds, of which flush)."""
     start = time.perf_counter()
     for offset in offsets:
@@ -326,7 +227,7 @@ def engine_write(image: Image, offsets: Sequence[int], data: bytes) -> tuple[flo
     return end - start, end - flushing
 
 
-def engine_read(image: Image, offsets: Sequence[int], length: int) -> float:
+def engine_read(image: Any, offsets: Sequence[int], length: int) -> float:
     start = time.perf_counter()
     for offset in offsets:
         image.read(offset, length)
@@ -334,48 +235,103 @@ def engine_read(image: Image, offsets: Sequence[int], length: int) -> float:
 
 
 @dataclass
-class Paired:
-    """Engine and plain figures of one metric over rounds (higher is better)."""
+class Rounds:
+    """One metric over rounds, per kind (plain, native, ceph); higher is better."""
 
-    engine: list[float] = field(default_factory=list)
-    plain: list[float] = field(default_factory=list)
+    rate: dict[str, list[float]] = field(default_factory=dict)
     # for write phases: the share of the time spent in the final flush/fsync
-    engine_flush: list[float] = field(default_factory=list)
-    plain_flush: list[float] = field(default_factory=list)
+    flush: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, kind: str, rate: float, flush_share: float | None = None) -> None:
-        (self.plain if kind == "plain" else self.engine).append(rate)
+        self.rate.setdefault(kind, []).append(rate)
         if flush_share is not None:
-            (self.plain_flush if kind == "plain" else self.engine_flush).append(flush_share)
+            self.flush.setdefault(kind, []).append(flush_share)
+
+    def median(self, kind: str) -> float:
+        return statistics.median(self.rate[kind])
+
+    def per_round(self, a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(self.rate[a], self.rate[b], strict=True)]
+
+    def ratio(self, a: str, b: str) -> float:
+        """The median of the per-round ratios a/b (each round measured both)."""
+        return statistics.median(self.per_round(a, b))
+
+    def ratios(self, a: str, b: str) -> str:
+        return " ".join(f"{r:.2f}" for r in self.per_round(a, b))
 
     def flush_note(self, what: str) -> str:
-        return (
-            f"{what}: share of write-phase time in the final flush/fsync: engine "
-            f"{statistics.median(self.engine_flush):.0%}, plain "
-            f"{statistics.median(self.plain_flush):.0%} (medians)"
+        shares = ", ".join(
+            f"{kind} {statistics.median(values):.0%}" for kind, values in self.flush.items()
         )
+        return f"{what}: share of write-phase time in the final flush/fsync: {shares} (medians)"
 
-    def ratio(self) -> float:
-        return statistics.median(e / p for e, p in zip(self.engine, self.plain, strict=True))
 
-    def ratios(self) -> str:
-        return " ".join(f"{e / p:.2f}" for e, p in zip(self.engine, self.plain, strict=True))
+def throughput_table(title: str, unit: str, kinds: Sequence[str]) -> Table:
+    """Columns: each kind's figure, each engine / plain, and native/ceph when both ran."""
+    engines = [k for k in kinds if k != PLAIN]
+    headers = ["metric", *(f"{k} {unit}" for k in kinds)]
+    headers += [f"{k}/plain" for k in engines]
+    if CEPH in engines:
+        headers += ["native/ceph", "per-round native/ceph"]
+    else:
+        headers += ["per-round native/plain"]
+    return Table(title, headers)
+
+
+def throughput_row(table: Table, label: str, rounds: Rounds, kinds: Sequence[str]) -> None:
+    engines = [k for k in kinds if k != PLAIN]
+    cells = [label, *(f"{rounds.median(k):.0f}" for k in kinds)]
+    cells += [fmt_ratio(rounds.ratio(k, PLAIN)) for k in engines]
+    if CEPH in engines:
+        cells += [fmt_ratio(rounds.ratio(NATIVE, CEPH)), rounds.ratios(NATIVE, CEPH)]
+    else:
+        cells += [rounds.ratios(NATIVE, PLAIN)]
+    table.add(*cells)
+
+
+def latency_columns(sides: Sequence[Side]) -> list[str]:
+    cols = [f"{s.name} {what}" for s in sides for what in ("median", "p99")]
+    return cols + (["native/ceph (median)"] if len(sides) > 1 else [])
+
+
+def latency_cells(values: dict[str, list[float]], sides: Sequence[Side]) -> list[str]:
+    cells = []
+    for side in sides:
+        cells += [ms(statistics.median(values[side.name])), ms(percentile(values[side.name], 0.99))]
+    if len(sides) > 1:
+        cells.append(ratio_text(statistics.median(values[NATIVE]), statistics.median(values[CEPH])))
+    return cells
 
 
 # -- benchmark context -------------------------------------------------------------------
 class Bench:
-    def __init__(self, config: Config, base: Path, report: Report) -> None:
+    def __init__(self, config: Config, base: Path, report: Report, ceph: CephTarget | None) -> None:
         self.config = config
         self.base = base
         self.report = report
-        self.rbd = RBD()
-        self.cluster = Rados(data_dir=base / "engine")
-        self.cluster.connect()
-        self.ioctx: IoCtx = self.cluster.open_ioctx("rbd")
+        self.ceph = ceph
+        self.native = Side(
+            NATIVE, build_engine(ClusterConfig(NATIVE, "native", data_dir=base / "engine")), None
+        )
+        self.sides = [self.native]
+        if ceph is not None:
+            self.sides.append(Side(CEPH, build_engine(ceph.cluster_config()), ceph.secrets))
+            found = self.sides[-1].rbd.list(self.sides[-1].ioctx)
+            if found:
+                raise RuntimeError(
+                    f"ceph pool {ceph.pool} holds {len(found)} images: the benchmark needs an "
+                    "empty scratch pool (--ceph-pool)"
+                )
+        self.kinds = [PLAIN, *(s.name for s in self.sides)]
         self.rng = random.Random(20240611)
 
     def close(self) -> None:
-        self.cluster.shutdown()
+        for side in self.sides:
+            side.close()
+
+    def side(self, name: str) -> Side:
+        return next(s for s in self.sides if s.name == name)
 
     def plain_path(self, name: str) -> Path:
         return self.base / f"plain-{name}.dat"
@@ -386,7 +342,7 @@ class Bench:
         c = self.config
         offsets = list(range(0, c.seq_size, len(data)))
         volume = c.seq_size / MiB
-        if kind == "plain":
+        if kind == PLAIN:
             path = self.plain_path(tag)
             fd = _open_sparse(path, c.seq_size)
             try:
@@ -396,11 +352,12 @@ class Bench:
                 os.close(fd)
                 path.unlink()
         else:
-            self.rbd.create(self.ioctx, tag, c.seq_size)
-            with Image(self.ioctx, tag) as image:
+            side = self.side(kind)
+            side.rbd.create(side.ioctx, tag, c.seq_size)
+            with side.image(tag) as image:
                 w, f = engine_write(image, offsets, data)
                 r = sum(engine_read(image, offsets, len(data)) for _ in range(c.read_passes))
-            self.rbd.remove(self.ioctx, tag)
+            side.rbd.remove(side.ioctx, tag)
         return volume / w, f / w, volume * c.read_passes / r
 
     def seq(self) -> None:
@@ -408,47 +365,41 @@ class Bench:
         data = os.urandom(MiB)
         # A discarded warm-up first: on this VM the first touch of fresh guest memory
         # (page cache) is slow, and would otherwise land on whoever goes first.
-        for kind in ("plain", "engine"):
+        for kind in self.kinds:
             log(f"seq warm-up: {kind}")
             self._seq_once(kind, f"seq-warmup-{kind}", data)
-        write, read = Paired(), Paired()
+        write, read = Rounds(), Rounds()
         for rnd in range(c.seq_rounds):
-            order = ("plain", "engine") if rnd % 2 == 0 else ("engine", "plain")
-            for kind in order:
+            for kind in order_of(self.kinds, rnd):
                 log(f"seq round {rnd + 1}/{c.seq_rounds}: {kind}")
                 w, f, r = self._seq_once(kind, f"seq{rnd}-{kind}", data)
                 write.add(kind, w, f)
                 read.add(kind, r)
-        table = Table(
+        table = throughput_table(
             f"1 MiB sequential I/O, {c.seq_size // MiB} MiB image (order 22), "
             f"{c.seq_rounds} rounds",
-            ["metric", "engine MiB/s", "plain MiB/s", "engine/plain", "per-round ratios"],
+            "MiB/s",
+            self.kinds,
         )
-        for label, paired in (("seq write 1 MiB + flush", write), ("seq read 1 MiB", read)):
-            table.add(
-                label,
-                f"{statistics.median(paired.engine):.0f}",
-                f"{statistics.median(paired.plain):.0f}",
-                fmt_ratio(paired.ratio()),
-                paired.ratios(),
-            )
+        for label, rounds in (("seq write 1 MiB + flush", write), ("seq read 1 MiB", read)):
+            throughput_row(table, label, rounds, self.kinds)
         table.notes += [
             "write: fresh thin image vs fresh sparse file (ftruncate), 1 MiB pwrites in order,",
             "       one flush (engine) / fsync (plain) at the end, inside the timing.",
             f"read: {c.read_passes} passes over the data just written; page cache NOT dropped"
-            " (warm for both).",
+            " (warm for plain and native; ceph reads from the OSD).",
             write.flush_note("write"),
-            "one discarded warm-up round first; rounds alternate plain/engine order (ABBA);",
-            "figures are medians over rounds; ratio is the median of per-round ratios.",
+            "one discarded warm-up round first; rounds alternate the order (ABBA);",
+            "figures are medians over rounds; ratios are medians of per-round ratios.",
         ]
         self.report.tables.append(table)
-        for label, paired in (("write", write), ("read", read)):
-            ratio = paired.ratio()
+        for label, rounds in (("write", write), ("read", read)):
+            ratio = rounds.ratio(NATIVE, PLAIN)
             self.report.target(
                 f"1 MiB sequential {label} >= 50% of plain file",
                 ratio >= THROUGHPUT_RATIO_TARGET,
-                f"ratio {ratio:.2f} (engine {statistics.median(paired.engine):.0f} MiB/s, "
-                f"plain {statistics.median(paired.plain):.0f} MiB/s)",
+                f"ratio {ratio:.2f} (native {rounds.median(NATIVE):.0f} MiB/s, "
+                f"plain {rounds.median(PLAIN):.0f} MiB/s)",
             )
 
     # -- 2. random 4 KiB -----------------------------------------------------------------
@@ -459,48 +410,44 @@ class Bench:
         slots = c.rand_range // block
         fill = os.urandom(MiB)
         fill_offsets = list(range(0, c.rand_range, MiB))
-        log(f"rand: prefilling {c.rand_range // MiB} MiB image and file")
+        log(f"rand: prefilling {c.rand_range // MiB} MiB images and file")
         path = self.plain_path("rand")
         fd = _open_sparse(path, c.rand_range)
-        self.rbd.create(self.ioctx, "rand", c.rand_range)
-        write, read = Paired(), Paired()
-        try:
-            with Image(self.ioctx, "rand") as image:
-                plain_write(fd, fill_offsets, fill)
+        write, read = Rounds(), Rounds()
+        with contextlib.ExitStack() as stack:
+            stack.callback(path.unlink)
+            stack.callback(os.close, fd)
+            images: dict[str, Any] = {}
+            for side in self.sides:
+                side.rbd.create(side.ioctx, "rand", c.rand_range)
+                stack.callback(side.rbd.remove, side.ioctx, "rand")
+                images[side.name] = stack.enter_context(side.image("rand"))
+            plain_write(fd, fill_offsets, fill)
+            for image in images.values():
                 engine_write(image, fill_offsets, fill)
-                for rnd in range(c.rand_rounds):
-                    w_offsets = [self.rng.randrange(slots) * block for _ in range(c.rand_ops)]
-                    r_offsets = [self.rng.randrange(slots) * block for _ in range(c.rand_ops)]
-                    order = ("plain", "engine") if rnd % 2 == 0 else ("engine", "plain")
-                    for kind in order:
-                        log(f"rand round {rnd + 1}/{c.rand_rounds}: {kind}")
-                        if kind == "plain":
-                            w, f = plain_write(fd, w_offsets, data)
-                            r = plain_read(fd, r_offsets, block)
-                        else:
-                            w, f = engine_write(image, w_offsets, data)
-                            r = engine_read(image, r_offsets, block)
-                        write.add(kind, c.rand_ops / w, f / w)
-                        read.add(kind, c.rand_ops / r)
-        finally:
-            os.close(fd)
-            path.unlink()
-            self.rbd.remove(self.ioctx, "rand")
-        table = Table(
+            for rnd in range(c.rand_rounds):
+                w_offsets = [self.rng.randrange(slots) * block for _ in range(c.rand_ops)]
+                r_offsets = [self.rng.randrange(slots) * block for _ in range(c.rand_ops)]
+                for kind in order_of(self.kinds, rnd):
+                    log(f"rand round {rnd + 1}/{c.rand_rounds}: {kind}")
+                    if kind == PLAIN:
+                        w, f = plain_write(fd, w_offsets, data)
+                        r = plain_read(fd, r_offsets, block)
+                    else:
+                        w, f = engine_write(images[kind], w_offsets, data)
+                        r = engine_read(images[kind], r_offsets, block)
+                    write.add(kind, c.rand_ops / w, f / w)
+                    read.add(kind, c.rand_ops / r)
+        table = throughput_table(
             f"4 KiB random I/O, single thread, {c.rand_ops} ops over {c.rand_range // MiB} MiB, "
             f"{c.rand_rounds} rounds",
-            ["metric", "engine IOPS", "plain IOPS", "engine/plain", "per-round ratios"],
+            "IOPS",
+            self.kinds,
         )
-        for label, paired in (("rand write 4 KiB + flush", write), ("rand read 4 KiB", read)):
-            table.add(
-                label,
-                f"{statistics.median(paired.engine):.0f}",
-                f"{statistics.median(paired.plain):.0f}",
-                fmt_ratio(paired.ratio()),
-                paired.ratios(),
-            )
+        for label, rounds in (("rand write 4 KiB + flush", write), ("rand read 4 KiB", read)):
+            throughput_row(table, label, rounds, self.kinds)
         table.notes += [
-            "image and file prefilled (untimed); same 4 KiB-aligned random offsets for both;",
+            "images and file prefilled (untimed); same 4 KiB-aligned random offsets for all;",
             "one flush/fsync at the end of each write phase, inside the timing; reads warm.",
             write.flush_note("write"),
         ]
@@ -508,12 +455,12 @@ class Bench:
 
     # -- 3. metadata latency -------------------------------------------------------------
     def latency(self) -> None:
-        """Each iteration runs every operation once, so a burst of outside load (this
-        machine is shared) hits all of them alike instead of one operation's phase;
-        a plain 4 KiB append + fsync is timed in the same loop as a reference, since
-        each metadata change is one SQLite WAL commit, i.e. about one fsync."""
+        """Each iteration runs every operation once on every engine, so a burst of
+        outside load (this machine is shared) hits all of them alike instead of one
+        operation's phase; a plain 4 KiB append + fsync is timed in the same loop as
+        a reference, since each native metadata change is one SQLite WAL commit,
+        i.e. about one fsync."""
         n = self.config.latency_ops
-        rbd, ioctx = self.rbd, self.ioctx
         labels = {
             "create": "create (1 GiB, thin)",
             "snap": "create_snap (one per image)",
@@ -521,210 +468,289 @@ class Bench:
             "clone": "clone (of one snapshot)",
             "resize": "resize (grow by 4 MiB)",
             "open": "Image() open+close (info)",
-            "ref": "reference: plain 4 KiB append+fsync",
         }
-        results: dict[str, list[float]] = {key: [] for key in labels}
+        results: dict[str, dict[str, list[float]]] = {
+            key: {s.name: [] for s in self.sides} for key in labels
+        }
+        reference: list[float] = []
         payload = os.urandom(64 * KiB)
         block = os.urandom(4 * KiB)
-        rbd.create(ioctx, "lat-base", GiB)
-        with Image(ioctx, "lat-base") as image:
-            image.write(payload, 0)
-            image.flush()
-            image.create_snap("s")
-        rbd.create(ioctx, "lat-many", GiB)
-        rbd.create(ioctx, "lat-grow", GiB)
         ref_path = self.plain_path("latency-ref")
         ref_fd = os.open(ref_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         log(f"latency: {n} iterations of create, snap, snap-nth, clone, resize, open, ref")
-        try:
-            with Image(ioctx, "lat-many") as many, Image(ioctx, "lat-grow") as grow:
-                for i in range(n):
+        with contextlib.ExitStack() as stack:
+            stack.callback(ref_path.unlink)
+            stack.callback(os.close, ref_fd)
+            many: dict[str, Any] = {}
+            grow: dict[str, Any] = {}
+            for side in self.sides:
+                rbd, ioctx = side.rbd, side.ioctx
+                rbd.create(ioctx, "lat-base", GiB)
+                with side.image("lat-base") as image:
+                    image.write(payload, 0)
+                    image.flush()
+                    image.create_snap("s")
+                rbd.create(ioctx, "lat-many", GiB)
+                rbd.create(ioctx, "lat-grow", GiB)
+                many[side.name] = stack.enter_context(side.image("lat-many"))
+                grow[side.name] = stack.enter_context(side.image("lat-grow"))
+            for i in range(n):
+                for side in order_of(self.sides, i):
+                    rbd, ioctx, name = side.rbd, side.ioctx, side.name
                     with stopwatch() as t:
                         rbd.create(ioctx, f"lat{i}", GiB)
-                    results["create"].append(t[0])
+                    results["create"][name].append(t[0])
 
-                    with Image(ioctx, f"lat{i}") as image:
+                    with side.image(f"lat{i}") as image:
                         image.write(payload, (i % 16) * 4 * MiB)
                         image.flush()
                         with stopwatch() as t:
                             image.create_snap("s")
-                    results["snap"].append(t[0])
+                    results["snap"][name].append(t[0])
 
-                    many.write(payload, (i % 16) * 4 * MiB)
+                    many[name].write(payload, (i % 16) * 4 * MiB)
                     with stopwatch() as t:
-                        many.create_snap(f"n{i}")
-                    results["snap-nth"].append(t[0])
+                        many[name].create_snap(f"n{i}")
+                    results["snap-nth"][name].append(t[0])
 
                     with stopwatch() as t:
                         rbd.clone(ioctx, "lat-base", "s", ioctx, f"latc{i}")
-                    results["clone"].append(t[0])
+                    results["clone"][name].append(t[0])
 
                     with stopwatch() as t:
-                        grow.resize(GiB + (i + 1) * 4 * MiB)
-                    results["resize"].append(t[0])
+                        grow[name].resize(GiB + (i + 1) * 4 * MiB)
+                    results["resize"][name].append(t[0])
 
                     with stopwatch() as t:
-                        Image(ioctx, f"lat{i}").close()
-                    results["open"].append(t[0])
+                        side.image(f"lat{i}").close()
+                    results["open"][name].append(t[0])
 
-                    with stopwatch() as t:
-                        os.pwrite(ref_fd, block, i * len(block))
-                        os.fsync(ref_fd)
-                    results["ref"].append(t[0])
-        finally:
-            os.close(ref_fd)
-            ref_path.unlink()
+                with stopwatch() as t:
+                    os.pwrite(ref_fd, block, i * len(block))
+                    os.fsync(ref_fd)
+                reference.append(t[0])
 
         table = Table(
-            f"metadata latency, {n} operations each, interleaved (ms)",
-            ["operation", "n", "median", "p99", "max", "mean"],
+            f"metadata latency, {n} operations each per engine, interleaved (ms)",
+            ["operation", *latency_columns(self.sides)],
         )
         for key, label in labels.items():
-            values = results[key]
-            table.add(
-                label,
-                len(values),
-                ms(statistics.median(values)),
-                ms(percentile(values, 0.99)),
-                ms(max(values)),
-                ms(statistics.fmean(values)),
-            )
+            table.add(label, *latency_cells(results[key], self.sides))
+        ref_cells = [ms(statistics.median(reference)), ms(percentile(reference, 0.99))]
+        table.add("reference: plain 4 KiB append+fsync", *ref_cells)
         table.notes += [
             "create_snap: image opened and 64 KiB written+flushed before, only the call timed;",
             "Nth-on-one-image: the i-th snapshot of one image (cost grows with the list);",
-            "resize is grow-only (metadata); clone is of one snapshot of a 1 GiB image.",
+            "resize is grow-only (metadata); clone is of one snapshot of a 1 GiB image;",
+            "each iteration runs the engines in turn (ABBA); the reference once per iteration.",
         ]
+        if len(self.sides) > 1:
+            table.notes.append("native/ceph below 1: native is faster.")
         self.report.tables.append(table)
-        reference = statistics.median(results["ref"])
+        ref = statistics.median(reference)
         for op, key in (("create", "create"), ("snapshot", "snap"), ("clone", "clone")):
-            median = statistics.median(results[key])
+            values = results[key][NATIVE]
+            median = statistics.median(values)
             self.report.target(
                 f"{op} median <= {LATENCY_TARGET_MS:g} ms",
                 median * 1e3 <= LATENCY_TARGET_MS,
-                f"median {ms(median)} ms, p99 {ms(percentile(results[key], 0.99))} ms "
-                f"(fsync reference median {ms(reference)} ms)",
+                f"median {ms(median)} ms, p99 {ms(percentile(values, 0.99))} ms "
+                f"(fsync reference median {ms(ref)} ms)",
             )
 
     # -- 4. clone latency vs parent size ---------------------------------------------------
     def clone_size(self) -> None:
         n = self.config.clone_size_ops
-        rbd, ioctx = self.rbd, self.ioctx
         parents = {"1 GiB": ("cs-1g", GiB), "1 TiB": ("cs-1t", TiB)}
         written: dict[str, dict[int, bytes]] = {}
         for label, (name, size) in parents.items():
-            log(f"clone-size: parent {label}")
-            rbd.create(ioctx, name, size)
             chunks = {0: os.urandom(MiB), size // 2: os.urandom(MiB), size - MiB: os.urandom(MiB)}
-            with Image(ioctx, name) as image:
-                for offset, data in chunks.items():
-                    image.write(data, offset)
-                image.flush()
-                image.create_snap("s")
             written[label] = chunks
-        times: dict[str, list[float]] = {label: [] for label in parents}
+            for side in self.sides:
+                log(f"clone-size: parent {label} ({side.name})")
+                side.rbd.create(side.ioctx, name, size)
+                with side.image(name) as image:
+                    for offset, data in chunks.items():
+                        image.write(data, offset)
+                    image.flush()
+                    image.create_snap("s")
+        times: dict[str, dict[str, list[float]]] = {
+            label: {s.name: [] for s in self.sides} for label in parents
+        }
         log(f"clone-size: {n} clones of each, interleaved")
+        pairs = [(label, side) for label in parents for side in self.sides]
         for i in range(n):
-            order = list(parents) if i % 2 == 0 else list(reversed(parents))
-            for label in order:
+            for label, side in order_of(pairs, i):
                 with stopwatch() as t:
-                    rbd.clone(ioctx, parents[label][0], "s", ioctx, f"cs{label[-3:]}-{i}")
-                times[label].append(t[0])
-        for label, chunks in written.items():
-            with Image(ioctx, f"cs{label[-3:]}-{n - 1}", read_only=True) as child:
-                ok = all(child.read(o, len(d)) == d for o, d in chunks.items())
-            self.report.check(f"a clone of the {label} parent reads the parent's data", ok)
+                    side.rbd.clone(
+                        side.ioctx, parents[label][0], "s", side.ioctx, f"cs{label[-3:]}-{i}"
+                    )
+                times[label][side.name].append(t[0])
+        for side in self.sides:
+            for label, chunks in written.items():
+                with side.image(f"cs{label[-3:]}-{n - 1}", read_only=True) as child:
+                    ok = all(child.read(o, len(d)) == d for o, d in chunks.items())
+                self.report.check(f"{side.name}: a clone of the {label} parent reads its data", ok)
         table = Table(
-            f"clone latency vs parent size, {n} clones each, interleaved (ms)",
-            ["parent (thin, 3 MiB written)", "n", "median", "p99", "max"],
+            f"clone latency vs parent size, {n} clones each per engine, interleaved (ms)",
+            ["parent (thin, 3 MiB written)", *latency_columns(self.sides)],
         )
         for label, values in times.items():
-            table.add(
-                label,
-                len(values),
-                ms(statistics.median(values)),
-                ms(percentile(values, 0.99)),
-                ms(max(values)),
+            table.add(label, *latency_cells(values, self.sides))
+        ratios: dict[str, float] = {}
+        for side in self.sides:
+            ratios[side.name] = statistics.median(times["1 TiB"][side.name]) / statistics.median(
+                times["1 GiB"][side.name]
             )
-        ratio = statistics.median(times["1 TiB"]) / statistics.median(times["1 GiB"])
-        table.notes.append(f"median ratio 1 TiB / 1 GiB = {ratio:.3f}")
+        table.notes.append(
+            "median ratio 1 TiB / 1 GiB: "
+            + ", ".join(f"{name} {value:.3f}" for name, value in ratios.items())
+        )
         self.report.tables.append(table)
+        native = times["1 GiB"][NATIVE], times["1 TiB"][NATIVE]
         self.report.target(
             f"clone time independent of parent size (1 TiB/1 GiB <= {CLONE_RATIO_TARGET})",
-            ratio <= CLONE_RATIO_TARGET,
-            f"ratio {ratio:.3f} (1 GiB {ms(statistics.median(times['1 GiB']))} ms, "
-            f"1 TiB {ms(statistics.median(times['1 TiB']))} ms)",
+            ratios[NATIVE] <= CLONE_RATIO_TARGET,
+            f"ratio {ratios[NATIVE]:.3f} (1 GiB {ms(statistics.median(native[0]))} ms, "
+            f"1 TiB {ms(statistics.median(native[1]))} ms)",
         )
 
     # -- 5. many clones of one snapshot ------------------------------------------------------
     def many_clones(self) -> None:
         n = self.config.many_clones
-        rbd, ioctx = self.rbd, self.ioctx
-        log(f"many-clones: {n} clones of one snapshot")
-        rbd.create(ioctx, "mc-parent", 10 * GiB)
         marks = {i * GiB + 123 * KiB: os.urandom(64 * KiB) for i in range(10)}
-        with Image(ioctx, "mc-parent") as image:
-            for offset, data in marks.items():
-                image.write(data, offset)
-            image.flush()
-            image.create_snap("golden")
-        times: list[float] = []
-        with stopwatch() as total:
-            for i in range(n):
+        for side in self.sides:
+            log(f"many-clones: parent ({side.name})")
+            side.rbd.create(side.ioctx, "mc-parent", 10 * GiB)
+            with side.image("mc-parent") as image:
+                for offset, data in marks.items():
+                    image.write(data, offset)
+                image.flush()
+                image.create_snap("golden")
+        log(f"many-clones: {n} clones of one snapshot per engine, interleaved")
+        times: dict[str, list[float]] = {s.name: [] for s in self.sides}
+        totals = dict.fromkeys(times, 0.0)
+        for i in range(n):
+            for side in order_of(self.sides, i):
                 with stopwatch() as t:
-                    rbd.clone(ioctx, "mc-parent", "golden", ioctx, f"mc{i}")
-                times.append(t[0])
+                    side.rbd.clone(side.ioctx, "mc-parent", "golden", side.ioctx, f"mc{i}")
+                times[side.name].append(t[0])
+                totals[side.name] += t[0]
         picks = sorted({0, n // 3, n // 2, 2 * n // 3, n - 1})
-        ok = True
-        with stopwatch() as reading:
-            for i in picks:
-                with Image(ioctx, f"mc{i}") as child:
-                    ok &= all(child.read(o, len(d)) == d for o, d in marks.items())
-                    # and a write to the clone does not show in its siblings
-                    child.write(b"x" * 4096, 0)
-                    ok &= child.read(0, 4096) == b"x" * 4096
-        with Image(ioctx, "mc-parent", snapshot="golden") as snap:
-            ok &= snap.read(0, 4096) == bytes(4096)  # the children's writes stay theirs
-            with stopwatch() as listing:
-                children = snap.list_children()
-        untouched = next(i for i in range(n) if i not in picks)
-        with Image(ioctx, f"mc{untouched}", read_only=True) as sibling:
-            ok &= sibling.read(0, 4096) == bytes(4096)
-        self.report.check(
-            f"reads from {len(picks)} of {n} clones match the parent snapshot",
-            ok,
-            f"clones {picks}",
-        )
-        self.report.check(
-            f"list_children of the snapshot lists all {n} clones",
-            len(children) == n,
-            f"got {len(children)}",
-        )
-        head, tail = times[: max(1, n // 10)], times[-max(1, n // 10) :]
+        figures: dict[str, dict[str, float]] = {}
+        for side in self.sides:
+            ok = True
+            with stopwatch() as reading:
+                for i in picks:
+                    with side.image(f"mc{i}") as child:
+                        ok &= all(child.read(o, len(d)) == d for o, d in marks.items())
+                        # and a write to the clone does not show in its siblings
+                        child.write(b"x" * 4096, 0)
+                        ok &= child.read(0, 4096) == b"x" * 4096
+            with side.image("mc-parent", snapshot="golden") as snap:
+                ok &= snap.read(0, 4096) == bytes(4096)  # the children's writes stay theirs
+                with stopwatch() as listing:
+                    children = snap.list_children()
+            untouched = next(i for i in range(n) if i not in picks)
+            with side.image(f"mc{untouched}", read_only=True) as sibling:
+                ok &= sibling.read(0, 4096) == bytes(4096)
+            self.report.check(
+                f"{side.name}: reads from {len(picks)} of {n} clones match the parent snapshot",
+                ok,
+                f"clones {picks}",
+            )
+            self.report.check(
+                f"{side.name}: list_children of the snapshot lists all {n} clones",
+                len(children) == n,
+                f"got {len(children)}",
+            )
+            values = times[side.name]
+            head, tail = values[: max(1, n // 10)], values[-max(1, n // 10) :]
+            figures[side.name] = {
+                "total of the clone calls": totals[side.name],
+                "per clone median": statistics.median(values),
+                "per clone p99": percentile(values, 0.99),
+                "per clone max": max(values),
+                f"median of first {len(head)}": statistics.median(head),
+                f"median of last {len(tail)}": statistics.median(tail),
+                f"open+read 640 KiB+write 4 KiB, {len(picks)} clones": reading[0],
+                f"list_children ({n} children)": listing[0],
+            }
         table = Table(
             f"{n} clones of one snapshot (ms unless noted)",
-            ["metric", "value"],
+            ["metric", *(s.name for s in self.sides)]
+            + (["native/ceph"] if len(self.sides) > 1 else []),
         )
-        table.add("total time", f"{total[0]:.2f} s")
-        table.add("per clone median", ms(statistics.median(times)))
-        table.add("per clone p99", ms(percentile(times, 0.99)))
-        table.add("per clone max", ms(max(times)))
-        table.add(f"median of first {len(head)}", ms(statistics.median(head)))
-        table.add(f"median of last {len(tail)}", ms(statistics.median(tail)))
-        table.add(f"open+read 640 KiB+write 4 KiB, {len(picks)} clones", ms(reading[0]))
-        table.add(f"list_children ({n} children)", ms(listing[0]))
+        for metric in figures[NATIVE]:
+            cells = [ms(figures[s.name][metric]) for s in self.sides]
+            if len(self.sides) > 1:
+                cells.append(ratio_text(figures[NATIVE][metric], figures[CEPH][metric]))
+            table.add(metric, *cells)
+        if len(self.sides) > 1:
+            table.notes.append("clones interleaved per engine (ABBA); below 1: native is faster.")
         self.report.tables.append(table)
 
     # -- 6a. flatten memory --------------------------------------------------------------------
     def flatten(self) -> None:
         c = self.config
-        rbd, ioctx = self.rbd, self.ioctx
         size = c.mem_size
         objects = size // (4 * MiB)
-        log(f"flatten: writing 1 MiB into each of the {objects} objects of a {fmt_mib(size)} image")
+        sides = list(self.sides)
+        if (
+            self.ceph is not None
+            and self.ceph.throwaway is not None
+            and 2 * size > MEMSTORE_BYTES // 2
+        ):
+            self.report.skip(
+                "flatten on ceph",
+                f"a {fmt_mib(size)} image and its flattened clone do not fit the throwaway "
+                f"cluster's {fmt_mib(MEMSTORE_BYTES)} memstore (use --quick or --ceph-conf)",
+            )
+            sides = [self.native]
+        columns: dict[str, dict[str, str]] = {}
+        peaks: dict[str, dict[str, float]] = {}
+        for side in sides:
+            figures = self._flatten_one(side, size, objects)
+            columns[side.name] = {k: v[0] for k, v in figures.items()}
+            peaks[side.name] = {k: v[1] for k, v in figures.items()}
+        table = Table(
+            f"flatten of a clone of a {fmt_mib(size)} image ({objects} objects, "
+            f"{objects} MiB of data) in a child process",
+            ["metric", *columns] + (["native/ceph"] if len(columns) > 1 else []),
+        )
+        for metric in columns[NATIVE]:
+            cells = [columns[name][metric] for name in columns]
+            if len(columns) > 1:
+                cells.append(ratio_text(peaks[NATIVE][metric], peaks[CEPH][metric]))
+            table.add(metric, *cells)
+        if len(columns) > 1:
+            table.notes.append(
+                "ceph: the librbd client's memory only (the OSD copies the data); the baseline "
+                "child builds the engine and connects (ceph: loads librados/librbd)."
+            )
+        self.report.tables.append(table)
+
+    def _child_command(self, side: Side, *args: str) -> tuple[list[str], dict[str, str] | None]:
+        """rss_child.py argv for ``side``, and the environment carrying its secrets."""
+        cmd = [sys.executable, str(RSS_CHILD), *args]
+        if side.name == NATIVE:
+            return [*cmd, "--data-dir", str(self.base / "engine")], None
+        assert self.ceph is not None
+        env = {**os.environ, SECRETS_ENV: json.dumps(self.ceph.secrets)}
+        return [*cmd, "--cluster", json.dumps(self.ceph.entry)], env
+
+    def _flatten_one(self, side: Side, size: int, objects: int) -> dict[str, tuple[str, float]]:
+        """Flatten a clone on ``side`` in a child; (printed, number) per metric."""
+        c = self.config
+        rbd, ioctx = side.rbd, side.ioctx
+        log(
+            f"flatten ({side.name}): writing 1 MiB into each of the {objects} objects of a "
+            f"{fmt_mib(size)} image"
+        )
         rbd.create(ioctx, "fl-parent", size)
         samples: dict[int, bytes] = {}
         data = os.urandom(MiB)
-        with Image(ioctx, "fl-parent") as image:
+        with side.image("fl-parent") as image:
             for objno in range(objects):
                 offset = objno * 4 * MiB + (objno % 4) * MiB
                 # vary the content per object without paying for urandom each time
@@ -735,25 +761,17 @@ class Bench:
             image.flush()
             image.create_snap("s")
         rbd.clone(ioctx, "fl-parent", "s", ioctx, "fl-child")
-        log("flatten: measuring a child process")
-        run = run_child(
-            [
-                sys.executable,
-                str(RSS_CHILD),
-                "flatten",
-                "--data-dir",
-                str(self.base / "engine"),
-                "--image",
-                "fl-child",
-            ],
-            c.child_timeout,
-        )
+        log(f"flatten ({side.name}): measuring a child process")
+        cmd, env = self._child_command(side, "flatten", "--image", "fl-child")
+        run = run_child(cmd, c.child_timeout, env)
         ok = run.returncode == 0
         detail = run.failure()
         if not ok:
-            self.report.errors.append(f"flatten child failed:\n         {run.stderr_tail()}")
+            self.report.errors.append(
+                f"flatten child ({side.name}) failed:\n         {run.stderr_tail()}"
+            )
         if ok:
-            with Image(ioctx, "fl-child", read_only=True) as child:
+            with side.image("fl-child", read_only=True) as child:
                 try:
                     child.parent_info()
                     ok, detail = False, "still has a parent after flatten"
@@ -764,30 +782,41 @@ class Bench:
                         ok, detail = False, f"data differs at {offset}"
                 if child.read(2 * MiB, 64 * KiB) != bytes(64 * KiB):
                     ok, detail = False, "a hole of the parent does not read as zeros"
-        self.report.check("flatten: clone detached and data matches the parent", ok, detail)
+        self.report.check(
+            f"{side.name}: flatten: clone detached and data matches the parent", ok, detail
+        )
         child_info = run.json()
-        idle = run_child([sys.executable, str(RSS_CHILD), "baseline"], c.child_timeout)
-        table = Table(
-            f"flatten of a clone of a {fmt_mib(size)} image ({objects} objects, "
-            f"{objects} MiB of data) in a child process",
-            ["metric", "value"],
-        )
-        table.add("peak RSS (wait4 ru_maxrss)", fmt_mib(run.peak_rss))
-        table.add("peak RSS (child VmHWM)", fmt_mib(int(child_info.get("vm_hwm_kib", 0)) * KiB))
-        table.add("peak RSS of a child that only imports the engine", fmt_mib(idle.peak_rss))
-        table.add("flatten() time", f"{float(child_info.get('seconds', math.nan)):.2f} s")
-        table.add("child wall time", f"{run.wall:.2f} s")
-        table.add("exit code", run.returncode)
-        self.report.tables.append(table)
-        self.report.target(
-            "flatten peak RSS < 200 MiB",
-            ok and run.peak_rss < RSS_TARGET,
-            f"{fmt_mib(run.peak_rss)}, {run.wall:.1f} s" + ("" if ok else f"; {detail}"),
-        )
+        cmd, env = self._child_command(side, "baseline")
+        idle = run_child(cmd, c.child_timeout, env)
+        hwm = int(child_info.get("vm_hwm_kib", 0)) * KiB
+        seconds = float(child_info.get("seconds", math.nan))
+        if side.name == NATIVE:
+            self.report.target(
+                "flatten peak RSS < 200 MiB",
+                ok and run.peak_rss < RSS_TARGET,
+                f"{fmt_mib(run.peak_rss)}, {run.wall:.1f} s" + ("" if ok else f"; {detail}"),
+            )
+        return {
+            "peak RSS (wait4 ru_maxrss)": (fmt_mib(run.peak_rss), run.peak_rss),
+            "peak RSS (child VmHWM)": (fmt_mib(hwm), hwm),
+            "peak RSS of a child that only connects (baseline)": (
+                fmt_mib(idle.peak_rss),
+                idle.peak_rss,
+            ),
+            "flatten() time": (f"{seconds:.2f} s", seconds),
+            "child wall time": (f"{run.wall:.2f} s", run.wall),
+            "exit code": (str(run.returncode), math.nan),
+        }
 
     # -- 6b. import/export memory through the CLI -------------------------------------------
     def cli(self) -> None:
         c = self.config
+        if self.ceph is not None:
+            self.report.skip(
+                "cli on ceph",
+                "the csi-rbd image import/export commands work on native data directories "
+                "only (Ceph's own is `rbd import/export`); measured on native",
+            )
         cli = find_cli()
         waited = 0.0
         while not cli_ready(cli) and waited < c.cli_wait:
@@ -915,7 +944,7 @@ sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
 
 
-def run_child(cmd: list[str], timeout: float) -> ChildRun:
+def run_child(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> ChildRun:
     """Run ``cmd`` in a fresh process and take its own peak RSS from wait4(2)."""
     with (
         tempfile.TemporaryFile() as out,
@@ -928,6 +957,7 @@ def run_child(cmd: list[str], timeout: float) -> ChildRun:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
+            env=env,
             start_new_session=True,  # its own process group, to kill on timeout
         )
         try:
@@ -1043,46 +1073,18 @@ def compare_files(a: Path, b: Path) -> tuple[bool, str]:
 
 
 # -- main --------------------------------------------------------------------------------
-def run_section(report: Report, name: str, action: Callable[[], None]) -> None:
-    log(f"section {name}")
-    start = time.perf_counter()
-    try:
-        action()
-    except Exception as exc:  # a broken section is reported, and the rest still runs
-        traceback.print_exc(file=sys.stderr)
-        report.errors.append(f"section {name}: {type(exc).__name__}: {exc}")
-    log(f"section {name} took {time.perf_counter() - start:.1f} s")
-
-
 def print_report(report: Report, header: list[str], wall: float) -> None:
-    print("csi-rbd native engine benchmark")
+    print("csi-rbd engine benchmark")
     print("\n".join(header))
-    load = os.getloadavg()
-    print(f"load (end)  : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(load_line())
     print(f"total time  : {wall:.1f} s")
-    for table in report.tables:
-        print()
-        print(table.render())
-    if report.checks:
-        print()
-        print("== correctness checks")
-        for check in report.checks:
-            detail = f"  ({check.detail})" if check.detail else ""
-            print(f"{'OK ' if check.ok else 'BAD'}  {check.name}{detail}")
-    if report.errors:
-        print()
-        print("== errors")
-        for error in report.errors:
-            print(f"ERROR  {error}")
-    print()
-    print("== targets")
-    for target in report.targets:
-        print(f"{target.status}  {target.name}: {target.detail}")
+    print(report.render_body())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark the native engine against plain file I/O (reports, never gates)."
+        description="Benchmark the native engine (and with --ceph the ceph engine) against "
+        "plain file I/O (reports, never gates)."
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run (~30 s)")
     parser.add_argument(
@@ -1103,6 +1105,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(ALL_SECTIONS),
         help=f"comma-separated subset of: {', '.join(ALL_SECTIONS)}",
     )
+    add_ceph_arguments(parser)
+    parser.add_argument(
+        "--ceph-pool",
+        default="rbd",
+        metavar="POOL",
+        help="with --ceph-conf: an empty scratch pool to fill (default rbd)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(ALL_SECTIONS)
@@ -1118,12 +1127,19 @@ def main(argv: list[str] | None = None) -> int:
     parent.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="engine-bench-", dir=parent))
     report = Report()
-    header = machine_lines(base, config)
+    engines = "native and ceph" if args.ceph or args.ceph_conf else "native"
+    header = machine_lines(
+        "csi_rbd/engine", f"{'quick' if config.quick else 'full'}, engines: {engines}", base
+    )
     start = time.perf_counter()
     fingerprint = source_fingerprint()
     bench: Bench | None = None
+    ceph: CephTarget | None = None
     try:
-        bench = Bench(config, base, report)
+        if args.ceph or args.ceph_conf:
+            ceph = ceph_target(base / "ceph", args.ceph_conf, args.ceph_user, args.ceph_pool)
+            header.append(f"ceph        : {ceph.description}, pool {ceph.pool}")
+        bench = Bench(config, base, report, ceph)
         actions: dict[str, Callable[[], None]] = {
             "seq": bench.seq,
             "rand": bench.rand,
@@ -1136,24 +1152,25 @@ def main(argv: list[str] | None = None) -> int:
         chosen = set(args.sections.split(","))
         for name in ALL_SECTIONS:
             if name in chosen:
-                run_section(report, name, actions[name])
+                run_step(report, name, actions[name])
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         report.errors.append(f"setup: {type(exc).__name__}: {exc}")
     finally:
         if bench is not None:
             bench.close()
+        if ceph is not None:
+            ceph.stop()
         if args.keep:
             log(f"kept {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
-    changed = changed_sources(fingerprint, source_fingerprint())
+    changed = changed_sources_error(
+        fingerprint,
+        "Figures (and child failures) may mix code versions if these are engine or CLI modules",
+    )
     if changed:
-        shown = ", ".join(changed[:12]) + (f" and {len(changed) - 12} more" if changed[12:] else "")
-        report.errors.append(
-            f"sources changed while the benchmark ran: {shown}. Figures (and child failures) "
-            "may mix code versions if these are engine or CLI modules"
-        )
+        report.errors.append(changed)
     print_report(report, header, time.perf_counter() - start)
     sys.stdout.flush()
     return 0

@@ -53,7 +53,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+from common import GiB, KiB, MiB, log
+
 CLI = Path(sys.executable).with_name("csi-rbd")
 LIBRBD_RECORDED = {"write": 9700.0, "read": 18000.0}  # IOPS, 4 KiB random, depth 16
 SEQ_TARGET = 0.90
@@ -90,10 +91,6 @@ class Report:
     def target(self, name: str, passed: bool | None, detail: str) -> None:
         status = "SKIP" if passed is None else "PASS" if passed else "FAIL"
         self.targets.append((status, name, detail))
-
-
-def log(message: str) -> None:
-    print(f"# [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def run(*argv: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
