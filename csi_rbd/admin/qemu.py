@@ -128,10 +128,12 @@ def _ceph_metadata(cluster: ClusterConfig, spec: ImageSpec) -> dict[str, str]:
 
     try:
         engine = build_engine(cluster)
-        with engine.session(None) as handle:
-            ioctx = handle.open_ioctx(spec.pool)
-            with engine.open_image(ioctx, spec.image, read_only=True) as image:
-                return dict(image.metadata_list())
+        try:
+            with engine.session(None) as handle, handle.open_ioctx(spec.pool) as ioctx:
+                with engine.open_image(ioctx, spec.image, read_only=True) as image:
+                    return dict(image.metadata_list())
+        finally:
+            engine.close()
     except (ConfigError, errors.Error, ImportError) as exc:
         raise cli_errors.CliError(
             f"cannot read csi.cache and csi.discard of {spec} in cluster {cluster.id} ({exc}); "

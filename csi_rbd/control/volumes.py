@@ -306,6 +306,7 @@ class VolumeService:
         if size > free * 1024:
             raise Exhausted(f"{size} bytes is far beyond the {free} bytes free on this node")
 
+    @contextlib.contextmanager
     def _source(
         self,
         engine: Engine,
@@ -313,7 +314,7 @@ class VolumeService:
         ioctx: Any,
         params: parameters.VolumeParameters,
         request: CreateVolumeRequest,
-    ) -> tuple[Any, str, int]:
+    ) -> Iterator[tuple[Any, str, int]]:
         """(pool handle, image name, new size) of the request's content source."""
         kind = "snapshot" if request.source_snapshot else "volume"
         source_id = request.source_snapshot or request.source_volume
@@ -324,13 +325,18 @@ class VolumeService:
                 f"{kind} {source_id} is in cluster {source.cluster}, "
                 f"the volume would be in {params.cluster_id}"
             )
-        source_ioctx = cluster.open_ioctx(source.pool) if source.pool != params.pool else ioctx
-        name = source.snapshot_image() if kind == "snapshot" else source.volume_image()
-        if not images.image_exists(engine, source_ioctx, name):
-            raise NotFound(f"{kind} {source_id} does not exist")
-        source_size = images.image_size(engine, source_ioctx, name)
-        size = choose_size(request.required_bytes, request.limit_bytes, source_size)
-        return source_ioctx, name, size
+        other_pool = source.pool != params.pool
+        source_ioctx = cluster.open_ioctx(source.pool) if other_pool else ioctx
+        try:
+            name = source.snapshot_image() if kind == "snapshot" else source.volume_image()
+            if not images.image_exists(engine, source_ioctx, name):
+                raise NotFound(f"{kind} {source_id} does not exist")
+            source_size = images.image_size(engine, source_ioctx, name)
+            size = choose_size(request.required_bytes, request.limit_bytes, source_size)
+            yield source_ioctx, name, size
+        finally:
+            if other_pool:
+                source_ioctx.close()
 
     def _clone_snapshot(
         self,
@@ -341,16 +347,16 @@ class VolumeService:
         params: parameters.VolumeParameters,
         request: CreateVolumeRequest,
     ) -> None:
-        source_ioctx, snap_image, size = self._source(engine, cluster, ioctx, params, request)
-        engine.rbd.clone(
-            source_ioctx,
-            snap_image,
-            SNAPSHOT_NAME,
-            ioctx,
-            name,
-            features=params.features,
-            order=params.order,
-        )
+        with self._source(engine, cluster, ioctx, params, request) as (source_ioctx, image, size):
+            engine.rbd.clone(
+                source_ioctx,
+                image,
+                SNAPSHOT_NAME,
+                ioctx,
+                name,
+                features=params.features,
+                order=params.order,
+            )
         self._grow(engine, ioctx, name, size)
 
     def _clone_volume(
@@ -362,20 +368,20 @@ class VolumeService:
         params: parameters.VolumeParameters,
         request: CreateVolumeRequest,
     ) -> None:
-        source_ioctx, source_image, size = self._source(engine, cluster, ioctx, params, request)
         temporary = f"csi-clone-{rid.uuid}"
-        with engine.open_image(source_ioctx, source_image) as image:
-            if temporary not in [s["name"] for s in image.list_snaps()]:
-                image.create_snap(temporary)
-        engine.rbd.clone(
-            source_ioctx,
-            source_image,
-            temporary,
-            ioctx,
-            rid.volume_image(),
-            features=params.features,
-            order=params.order,
-        )
+        with self._source(engine, cluster, ioctx, params, request) as (source_ioctx, source, size):
+            with engine.open_image(source_ioctx, source) as image:
+                if temporary not in [s["name"] for s in image.list_snaps()]:
+                    image.create_snap(temporary)
+            engine.rbd.clone(
+                source_ioctx,
+                source,
+                temporary,
+                ioctx,
+                rid.volume_image(),
+                features=params.features,
+                order=params.order,
+            )
         self._grow(engine, ioctx, rid.volume_image(), size)
 
     def _drop_clone_temporary(

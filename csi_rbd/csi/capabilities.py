@@ -31,8 +31,8 @@ NODE = (
     NodeRPC.SINGLE_NODE_MULTI_WRITER,
 )
 
-# Volumes of the native engine live on one node; no multi-node access modes.
-ACCESS_MODES = frozenset(
+# Every engine serves one node at a time in these modes.
+SINGLE_NODE_MODES = frozenset(
     {
         AccessMode.SINGLE_NODE_WRITER,
         AccessMode.SINGLE_NODE_READER_ONLY,
@@ -40,6 +40,21 @@ ACCESS_MODES = frozenset(
         AccessMode.SINGLE_NODE_MULTI_WRITER,
     }
 )
+# Ceph volumes are reachable from every node: any may read them, and a block
+# volume may be open for writing on several (a VM disk during live migration;
+# librbd hands the image's exclusive lock from writer to writer). A native
+# volume lives on one node; a filesystem is never mounted writable on two.
+MULTI_NODE_MODES = frozenset(
+    {
+        AccessMode.MULTI_NODE_READER_ONLY,
+        AccessMode.MULTI_NODE_SINGLE_WRITER,
+        AccessMode.MULTI_NODE_MULTI_WRITER,
+    }
+)
+SHARED_WRITER_MODES = frozenset(
+    {AccessMode.MULTI_NODE_SINGLE_WRITER, AccessMode.MULTI_NODE_MULTI_WRITER}
+)
+MULTI_NODE_ENGINES = ("ceph",)
 READ_ONLY_MODES = frozenset({AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY})
 FILESYSTEMS = ("ext4", "xfs")
 
@@ -76,20 +91,27 @@ def node_capabilities() -> list[csi.NodeServiceCapability]:
     return [csi.NodeServiceCapability(rpc=csi.NodeServiceCapability.RPC(type=t)) for t in NODE]
 
 
-def unsupported_mode(capability: csi.VolumeCapability) -> str | None:
-    """Why the capability's access mode cannot be served, or None when it can."""
-    if capability.access_mode.mode not in ACCESS_MODES:
-        name = AccessMode.Name(capability.access_mode.mode)
-        return f"access mode {name} is not supported (volumes live on a single node)"
+def unsupported_mode(capability: csi.VolumeCapability, engine: str) -> str | None:
+    """Why the access mode cannot be served by ``engine`` (its kind), or None when it can."""
+    mode = capability.access_mode.mode
+    name = AccessMode.Name(mode) if mode in AccessMode.values() else str(mode)
+    if mode in SINGLE_NODE_MODES:
+        return None
+    if mode not in MULTI_NODE_MODES:
+        return f"access mode {name} is not supported"
+    if engine not in MULTI_NODE_ENGINES:
+        return f"access mode {name} needs the ceph engine ({engine} volumes live on one node)"
+    if mode in SHARED_WRITER_MODES and capability.WhichOneof("access_type") != "block":
+        return f"access mode {name} is for block volumes only (a filesystem has one writer node)"
     return None
 
 
-def unsupported(capability: csi.VolumeCapability) -> str | None:
-    """Why a volume capability cannot be served, or None when it can."""
+def unsupported(capability: csi.VolumeCapability, engine: str) -> str | None:
+    """Why ``engine`` (its kind) cannot serve a volume capability, or None when it can."""
     access = capability.WhichOneof("access_type")
     if access is None:
         return "volume capability has no access type (block or mount)"
-    mode = unsupported_mode(capability)
+    mode = unsupported_mode(capability, engine)
     if mode:
         return mode
     if access == "mount":

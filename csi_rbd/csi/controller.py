@@ -7,7 +7,7 @@ messages into plain requests and results back into messages.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import grpc
@@ -17,6 +17,7 @@ from csi_rbd._proto import csi_pb2 as csi
 from csi_rbd._proto import csi_pb2_grpc
 from csi_rbd.control import parameters
 from csi_rbd.control.errors import NotFound
+from csi_rbd.control.images import decode
 from csi_rbd.control.snapshots import Snapshot, SnapshotService
 from csi_rbd.control.volumes import CreateVolumeRequest, Volume, VolumeService
 from csi_rbd.csi import capabilities
@@ -74,10 +75,10 @@ def _snapshot_message(snapshot: Snapshot) -> csi.Snapshot:
     )
 
 
-def _check_capabilities(caps: Sequence[csi.VolumeCapability]) -> None:
+def _check_capabilities(caps: Sequence[csi.VolumeCapability], engine: str) -> None:
     require(caps, "volume_capabilities")
     for cap in caps:
-        reason = capabilities.unsupported(cap)
+        reason = capabilities.unsupported(cap, engine)
         if reason:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
 
@@ -87,12 +88,23 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self.volumes = volumes
         self.snapshots = snapshots
 
+    def _engine_for_parameters(self, params: Mapping[str, str]) -> str:
+        """The engine kind of the cluster a StorageClass's parameters pick."""
+        cluster_id = parameters.parse(dict(params), self.volumes.config).cluster_id
+        return self.volumes.engine(cluster_id).kind
+
+    def _engine_of_volume(self, volume_id: str) -> str:
+        return self.volumes.engine(decode(volume_id, "volume").cluster).kind
+
     @rpc
     def CreateVolume(
         self, request: csi.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi.CreateVolumeResponse:
         require(request.name, "name")
-        _check_capabilities(request.volume_capabilities)
+        require(request.volume_capabilities, "volume_capabilities")
+        _check_capabilities(
+            request.volume_capabilities, self._engine_for_parameters(request.parameters)
+        )
         kinds = {cap.WhichOneof("access_type") for cap in request.volume_capabilities}
         if len(kinds) > 1:
             raise Abort(
@@ -155,7 +167,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self.volumes.get(request.volume_id)
         if request.parameters:
             parameters.parse(dict(request.parameters), self.volumes.config)
-        reasons = [capabilities.unsupported(cap) for cap in request.volume_capabilities]
+        engine = self._engine_of_volume(request.volume_id)
+        reasons = [capabilities.unsupported(cap, engine) for cap in request.volume_capabilities]
         problems = [r for r in reasons if r]
         if problems:
             return csi.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
@@ -195,11 +208,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def GetCapacity(
         self, request: csi.GetCapacityRequest, context: grpc.ServicerContext
     ) -> csi.GetCapacityResponse:
-        for cap in request.volume_capabilities:
-            if capabilities.unsupported(cap):
-                return csi.GetCapacityResponse(available_capacity=0)
         params = parameters.parse(dict(request.parameters), self.volumes.config)
         engine = self.volumes.engine(params.cluster_id)
+        for cap in request.volume_capabilities:
+            if capabilities.unsupported(cap, engine.kind):
+                return csi.GetCapacityResponse(available_capacity=0)
         mine = self.volumes.topology(engine)
         if request.HasField("accessible_topology") and mine is not None:
             segments = dict(request.accessible_topology.segments)
@@ -269,7 +282,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         require(request.volume_id, "volume_id")
         require(request.capacity_range.required_bytes, "capacity_range.required_bytes")
         if request.HasField("volume_capability"):
-            _check_capabilities([request.volume_capability])
+            _check_capabilities(
+                [request.volume_capability], self._engine_of_volume(request.volume_id)
+            )
         size = self.volumes.expand(
             request.volume_id,
             request.capacity_range.required_bytes,

@@ -28,18 +28,18 @@ from csi_rbd.node.stash import load_stash
 _FILESYSTEM_DEFAULT = "ext4"
 
 
-def _capability(request_capability: csi.VolumeCapability) -> tuple[bool, bool]:
-    """(block, read-only mode) of a supported capability.
+def _capability(request_capability: csi.VolumeCapability, engine: str) -> tuple[bool, bool]:
+    """(block, read-only mode) of a capability ``engine`` (its kind) supports.
 
     A malformed capability is INVALID_ARGUMENT; an access mode the volume
     cannot have is FAILED_PRECONDITION ("exceeds capabilities" in the spec's
     node tables).
     """
     require(request_capability.WhichOneof("access_type"), "volume_capability")
-    mode = capabilities.unsupported_mode(request_capability)
+    mode = capabilities.unsupported_mode(request_capability, engine)
     if mode:
         raise Abort(grpc.StatusCode.FAILED_PRECONDITION, mode)
-    reason = capabilities.unsupported(request_capability)
+    reason = capabilities.unsupported(request_capability, engine)
     if reason:
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
     block = request_capability.WhichOneof("access_type") == "block"
@@ -83,6 +83,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         """Re-attach what was staged before a restart."""
         return self.stager.recover()
 
+    def _engine_kind(self, volume_id: str) -> str:
+        rid = images.decode(volume_id, "volume")
+        engine = self.engines.get(rid.cluster)
+        if engine is None:
+            raise NotFound(f"volume {volume_id} is in cluster {rid.cluster}, unknown to this node")
+        return engine.kind
+
     def _image(
         self, volume_id: str, secrets: Mapping[str, str]
     ) -> tuple[Engine, str, str, dict[str, str]]:
@@ -108,7 +115,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.volume_id, "volume_id")
         require(request.staging_target_path, "staging_target_path")
         require(request.HasField("volume_capability"), "volume_capability")
-        block, read_only = _capability(request.volume_capability)
+        block, read_only = _capability(
+            request.volume_capability, self._engine_kind(request.volume_id)
+        )
+        shared = request.volume_capability.access_mode.mode in capabilities.SHARED_WRITER_MODES
         with self.locks.hold(request.volume_id):
             engine, pool, image, metadata = self._image(request.volume_id, request.secrets)
             context_params = dict(request.volume_context)
@@ -128,6 +138,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 discard=discard,
                 cache=cache,
                 secrets=request.secrets,
+                shared=shared,
             )
         return csi.NodeStageVolumeResponse()
 
@@ -148,7 +159,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.volume_id, "volume_id")
         require(request.target_path, "target_path")
         require(request.HasField("volume_capability"), "volume_capability")
-        block, read_only = _capability(request.volume_capability)
+        block, read_only = _capability(
+            request.volume_capability, self._engine_kind(request.volume_id)
+        )
         if not request.staging_target_path:
             raise Abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -227,7 +240,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.volume_path, "volume_path")
         _must_be_absolute(request.volume_path)
         if request.HasField("volume_capability"):
-            reason = capabilities.unsupported(request.volume_capability)
+            engine = self._engine_kind(request.volume_id)
+            reason = capabilities.unsupported(request.volume_capability, engine)
             if reason:
                 raise Abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
         wanted = request.capacity_range.required_bytes or None

@@ -4,7 +4,8 @@ Protocol
 --------
 ``python -m csi_rbd.node.attach_daemon (--data-dir D | --cluster-fd N) --pool P
 --image I --mountpoint M [--read-only] [--discard unmap|ignore]
-[--cache none|writethrough|writeback] [--break-lock OWNER] [--ready-file F]``
+[--cache none|writethrough|writeback] [--break-lock OWNER] [--shared]
+[--ready-file F]``
 
 ``--data-dir`` names a native engine's data directory. ``--cluster-fd`` names
 an inherited pipe holding JSON ``{"cluster": <a config file cluster entry>,
@@ -21,7 +22,9 @@ into a 0600 keyring that lives only while it connects).
    ``--break-lock`` and the lock is broken first if (and only if) that owner
    still holds it. A lock held by anyone else ends the daemon with exit code
    3 and one line on stderr; a missing image or pool with 4; anything else
-   with 1.
+   with 1. With ``--shared`` (a block volume other nodes may write too, on
+   Ceph) no lock is taken: librbd passes the exclusive lock from writer to
+   writer, each flushing its cache before it lets go.
 2. Puts the image behind the block cache of the volume's mode, librbd's
    meaning of ``none``, ``writethrough`` and ``writeback``: the node's own
    (:func:`csi_rbd.node.cache.open_cached`) on the native engine, librbd's
@@ -103,6 +106,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ready-file", help="written atomically once the mount serves")
     parser.add_argument(
         "--break-lock", metavar="OWNER", help="a dead client whose exclusive lock to break"
+    )
+    parser.add_argument(
+        "--shared", action="store_true", help="other clients may write: take no exclusive lock"
     )
     parser.add_argument("--threads", type=int, default=16, help="FUSE worker threads")
     return parser.parse_args(argv)
@@ -198,7 +204,7 @@ def _serve(
 
     lock_owner = None
     try:
-        if not args.read_only:
+        if not args.read_only and not args.shared:
             try:
                 if args.break_lock:
                     engine.break_lock(image, args.break_lock)

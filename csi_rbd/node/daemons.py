@@ -106,6 +106,7 @@ class Supervisor:
         cluster: ClusterConfig | None = None,
         secrets: Mapping[str, str] | None = None,
         break_lock: str | None = None,
+        shared: bool = False,
     ) -> Started:
         """Start a daemon and wait until it serves.
 
@@ -113,7 +114,8 @@ class Supervisor:
         ``cluster`` (and ``secrets`` unless the cluster's conf file has a
         keyring), handed over through a pipe: never on the command line, never
         on disk. ``break_lock`` names the lock owner of a daemon known to be
-        dead (see :mod:`.attach_daemon`).
+        dead (see :mod:`.attach_daemon`). ``shared``: other clients may write the
+        image too; the daemon does not hold its exclusive lock.
 
         PreconditionFailed when another writer holds the image, VolumeNotFound
         when the image does not exist, DataPathError for anything else.
@@ -160,6 +162,8 @@ class Supervisor:
                 argv.append("--read-only")
             if break_lock:
                 argv += ["--break-lock", break_lock]
+            if shared:
+                argv.append("--shared")
             env = dict(os.environ, FUSE_LIBRARY_NAME="fuse3")
             with open(log_file, "ab") as log:
                 offset = log.tell()

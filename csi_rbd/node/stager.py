@@ -184,6 +184,7 @@ class NodeStager:
         discard: str = "unmap",
         cache: str = "none",
         secrets: Mapping[str, str] | None = None,
+        shared: bool = False,
     ) -> None:
         """Attach the image and mount it (or expose the device) under ``staging_path``.
 
@@ -193,7 +194,9 @@ class NodeStager:
         shell-quoted string or an argument list, used only when the device is
         blank. ``cache`` is the attach daemon's cache mode (librbd's meaning:
         ``none``, ``writethrough`` or ``writeback``); like ``discard`` it is
-        recorded, and a repeated stage must ask for the same.
+        recorded, and a repeated stage must ask for the same. ``shared``: other
+        clients (other nodes) may write the image too (multi-node block volumes
+        on Ceph), so the daemon does not take the image's exclusive lock for good.
         """
         staging = self.check_path(staging_path)
         self._cluster_of(locator)
@@ -220,6 +223,7 @@ class NodeStager:
             discard=discard,
             fuse_mountpoint=self._fuse_mountpoint(volume_id),
             cache=cache,
+            shared=shared,
         )
         with self._volume(volume_id):
             existing = load_stash(staging)
@@ -292,6 +296,7 @@ class NodeStager:
             cluster=self._cluster_of(record.locator),
             secrets=secrets,
             break_lock=stale_owner,
+            shared=record.shared,
         )
         record.daemon_pid, record.lock_owner = started.pid, started.lock_owner
         save_stash(record)
@@ -731,7 +736,7 @@ def _condition(problems: list[str]) -> tuple[bool, str]:
 def _require_same_stage(existing: StageRecord, wanted: StageRecord) -> None:
     differences = [
         name
-        for name in ("locator", "block", "mount_flags", "read_only", "discard", "cache")
+        for name in ("locator", "block", "mount_flags", "read_only", "discard", "cache", "shared")
         if getattr(existing, name) != getattr(wanted, name)
     ]
     if wanted.fstype not in (None, existing.fstype, existing.actual_fstype):

@@ -81,6 +81,7 @@ class StageRecord:
     fuse_mountpoint: str
     state: str = "staging"
     cache: str = "none"  # the attach daemon's cache mode (none, writethrough, writeback)
+    shared: bool = False  # other nodes may write too: no exclusive lock held for good
     actual_fstype: str | None = None  # what the device holds
     daemon_pid: int | None = None
     lock_owner: str | None = (

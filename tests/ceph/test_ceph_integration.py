@@ -21,11 +21,11 @@ import grpc
 import pytest
 
 from csi_rbd._proto import csi_pb2 as csi
-from csi_rbd.engine.ceph import CephEngine
 from csi_rbd.ids import ResourceId
 from csi_rbd.node.daemons import find_daemons
 from csi_rbd.node.stash import load_stash
 from tests.ceph.cluster import CephCluster
+from tests.csi import engine_probe
 from tests.csi.conftest import block_capability, expect_code, mount_capability
 from tests.csi.driver import Driver, direct_io, write_file
 from tests.csi.test_integration import (  # noqa: F401 - collected here against Ceph
@@ -80,7 +80,7 @@ def test_cache_modes_reach_librbd_and_flushed_data_survives(driver: Driver, cach
     data = os.urandom(2 * MiB)
     direct_io(device, 8 * MiB, data)  # O_DIRECT write + fsync: a flush down to librbd
     os.kill(record.daemon_pid, signal.SIGKILL)
-    assert _read_image(driver, volume.volume_id, 8 * MiB, len(data)) == data
+    assert driver.read_image(volume.volume_id, 8 * MiB, len(data)) == data
 
     # the next NodeStage (kubelet retries it) re-attaches, breaking the dead client's lock
     started = time.monotonic()
@@ -89,7 +89,7 @@ def test_cache_modes_reach_librbd_and_flushed_data_survives(driver: Driver, cach
     assert direct_io(device, 8 * MiB, length=len(data)) == data
     more = os.urandom(MiB)
     direct_io(device, 0, more)
-    assert _read_image(driver, volume.volume_id, 0, MiB) == more
+    assert driver.read_image(volume.volume_id, 0, MiB) == more
     driver.unpublish_and_unstage(volume, cache, device)
     driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume.volume_id))
 
@@ -100,20 +100,20 @@ def test_second_node_writer_is_refused(driver: Driver, tmp_path: Path) -> None:
     capability = mount_capability("ext4")
     volume = driver.create("pvc-locked", 32 * MiB, capability)
     rid = ResourceId.decode(volume.volume_id)
-    engine = CephEngine("ceph-it", driver.cluster.monitors)
-    with engine.session(driver.secrets) as cluster:
-        ioctx = cluster.open_ioctx(rid.pool)
-        with engine.open_image(ioctx, rid.volume_image()) as holder:
-            holder.lock_acquire()
-            message = expect_code(
-                lambda: driver.node.NodeStageVolume(
-                    _stage_request(driver, volume, "locked", capability)
-                ),
-                Code.FAILED_PRECONDITION,
-            )
-            assert "busy" in message, message
-            assert holder.is_exclusive_lock_owner()
-        ioctx.close()
+    holder = {
+        "cluster": driver.cluster.to_mapping(),
+        "secrets": driver.secrets,
+        "pool": rid.pool,
+        "image": rid.volume_image(),
+    }
+    with engine_probe.holding_lock(holder):
+        message = expect_code(
+            lambda: driver.node.NodeStageVolume(
+                _stage_request(driver, volume, "locked", capability)
+            ),
+            Code.FAILED_PRECONDITION,
+        )
+        assert "busy" in message, message
     assert not leftovers(driver.root / "staging")
     assert not find_daemons(under=str(driver.root))
     target = driver.stage_and_publish(volume, capability, "locked")  # free now
@@ -143,18 +143,6 @@ def _daemon_librbd_settings(driver: Driver, name: str) -> dict[str, str]:
             assert isinstance(parsed, dict)
             return parsed
     raise AssertionError("the attach daemon did not log its librbd settings")
-
-
-def _read_image(driver: Driver, volume_id: str, offset: int, length: int) -> bytes:
-    rid = ResourceId.decode(volume_id)
-    engine = CephEngine("ceph-it", driver.cluster.monitors)
-    with engine.session(driver.secrets) as cluster:
-        ioctx = cluster.open_ioctx(rid.pool)
-        try:
-            with engine.open_image(ioctx, rid.volume_image(), read_only=True) as image:
-                return bytes(image.read(offset, length))
-        finally:
-            ioctx.close()
 
 
 @pytest.mark.parametrize("own_identity", [False, True])
@@ -201,3 +189,41 @@ def test_restarted_plugin_with_a_dead_daemon(
         found = leftovers(root)
         force_clean(root)
         assert not found, f"left behind: {found}"
+
+
+def test_block_volume_written_from_two_nodes(
+    driver: Driver, tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster
+) -> None:
+    """ReadWriteMany block (KubeVirt live migration): two node plugins stage the same
+    volume; what one writes and flushes, the other reads, both ways. A filesystem
+    cannot be multi-writer, and the native engine has no multi-node modes."""
+    mode = csi.VolumeCapability.AccessMode.MULTI_NODE_MULTI_WRITER
+    capability = block_capability(mode)
+    volume = driver.create("pvc-rwx", 32 * MiB, capability)
+    other_root = Path(os.path.realpath(tmp_path_factory.mktemp("node-b")))
+    other = Driver(
+        other_root, cluster=ceph_cluster.config_entry(), secrets=driver.secrets, node_id="node-b"
+    )
+    other.start()
+    try:
+        here = driver.stage_and_publish(volume, capability, "rwx")
+        there = other.stage_and_publish(volume, capability, "rwx")
+        first = os.urandom(MiB)
+        direct_io(here, 4 * MiB, first)
+        assert direct_io(there, 4 * MiB, length=MiB) == first
+        second = os.urandom(MiB)
+        direct_io(there, 4 * MiB, second)
+        assert direct_io(here, 4 * MiB, length=MiB) == second
+        other.unpublish_and_unstage(volume, "rwx", there)
+        driver.unpublish_and_unstage(volume, "rwx", here)
+    finally:
+        other.stop()
+        found = leftovers(other_root)
+        force_clean(other_root)
+        assert not found, f"left behind: {found}"
+    reason = expect_code(
+        lambda: driver.create("pvc-rwx-fs", 32 * MiB, mount_capability(mode=mode)),
+        Code.INVALID_ARGUMENT,
+    )
+    assert "block volumes only" in reason
+    driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume.volume_id))

@@ -9,6 +9,7 @@ StorageClass's secret.
 
 from __future__ import annotations
 
+import base64
 import mmap
 import os
 import signal
@@ -25,9 +26,8 @@ import yaml
 from csi_rbd._proto import csi_pb2 as csi
 from csi_rbd._proto import csi_pb2_grpc
 from csi_rbd.config import ClusterConfig, cluster_from_mapping
-from csi_rbd.engine.factory import build_engine
-from csi_rbd.engine.usage import used_size
 from csi_rbd.ids import ResourceId
+from tests.csi import engine_probe
 
 
 class _SecretsInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -55,8 +55,10 @@ class Driver:
         root: Path,
         cluster: Mapping[str, Any] | None = None,
         secrets: Mapping[str, str] | None = None,
+        node_id: str = "node-a",
     ) -> None:
         self.root = root
+        self.node_id = node_id
         self.data_dir = root / "data"
         self.socket = root / "csi.sock"
         self.process: subprocess.Popen[bytes] | None = None
@@ -83,7 +85,7 @@ class Driver:
             "--endpoint",
             f"unix://{self.socket}",
             "--node-id",
-            "node-a",
+            self.node_id,
             "--state-dir",
             str(self.root / "state"),
             "--allowed-root",
@@ -168,39 +170,32 @@ class Driver:
             )
         )
 
-    # -- the engine, looked at directly ----------------------------------------------
-    def _session(self) -> Any:
-        engine = build_engine(self.cluster)
-        return engine, engine.session(self.secrets or None)
+    # -- the engine, looked at from a child process (see engine_probe) ---------------
+    def probe(self, op: str, **fields: Any) -> Any:
+        request = {
+            "cluster": self.cluster.to_mapping(),
+            "secrets": self.secrets,
+            "pool": self.cluster.pool,
+            "op": op,
+            **fields,
+        }
+        return engine_probe.ask(request)
 
     def used_bytes(self, volume_id: str) -> int:
         rid = ResourceId.decode(volume_id)
-        engine, session = self._session()
-        try:
-            with session as cluster:
-                ioctx = cluster.open_ioctx(rid.pool)
-                with engine.open_image(ioctx, rid.volume_image(), read_only=True) as image:
-                    for _ in range(20):
-                        try:
-                            return used_size(image, image.size())
-                        except FileNotFoundError:  # native: a version replaced meanwhile
-                            time.sleep(0.05)
-        finally:
-            engine.close()
-        raise AssertionError("could not measure usage")
+        return int(self.probe("used", pool=rid.pool, image=rid.volume_image())["used"])
 
-    def pool_contents(self, pool: str | None = None) -> tuple[list[str], list[str]]:
+    def read_image(self, volume_id: str, offset: int, length: int) -> bytes:
+        rid = ResourceId.decode(volume_id)
+        answer = self.probe(
+            "read", pool=rid.pool, image=rid.volume_image(), offset=offset, length=length
+        )
+        return base64.b64decode(answer["data"])
+
+    def pool_contents(self) -> tuple[list[str], list[str]]:
         """(images, trash entries) of the cluster's default pool."""
-        engine, session = self._session()
-        try:
-            with session as cluster:
-                ioctx = cluster.open_ioctx(pool or self.cluster.pool)
-                return (
-                    sorted(engine.rbd.list(ioctx)),
-                    sorted(entry["id"] for entry in engine.rbd.trash_list(ioctx)),
-                )
-        finally:
-            engine.close()
+        answer = self.probe("contents")
+        return answer["images"], answer["trash"]
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -2,11 +2,13 @@
 
 Sessions
 --------
-Every :meth:`CephEngine.session` is one librados connection made with the
-call's credentials: CSI secrets ``userID`` and ``userKey`` (the names
-ceph-csi uses). The key goes into a 0600 keyring in a private directory (in
-/dev/shm when there is one) that is deleted as soon as ``connect`` returns;
-keys are checked for shape first, and never logged or put in messages.
+A :meth:`CephEngine.session` is a librados connection made with the call's
+credentials: CSI secrets ``userID`` and ``userKey`` (the names ceph-csi
+uses). Connections are kept and shared by the calls of the same identity
+(see :mod:`.connections`); a new one is made when none is kept. The key
+goes into a 0600 keyring in a private directory (in /dev/shm when there is
+one) that is deleted as soon as ``connect`` returns; keys are checked for
+shape first, and never logged or put in messages.
 Connects are bounded by ``client_mount_timeout`` (``connect_timeout``),
 since librados ignores the Python ``connect(timeout=)``.
 
@@ -44,6 +46,7 @@ from typing import Any
 from csi_rbd.engine import errors
 from csi_rbd.engine.base import Engine, ImageLocator
 from csi_rbd.engine.ceph.client import RBD, Image, Rados, connect
+from csi_rbd.engine.ceph.connections import ConnectionPool, identity
 from csi_rbd.engine.ceph.translate import BY_ERRNO
 
 log = logging.getLogger(__name__)
@@ -116,6 +119,7 @@ class CephEngine(Engine):
         self.rbd = RBD()
         self.image_class = Image
         self._warned_no_stats = False
+        self._connections = ConnectionPool()
 
     @classmethod
     def from_config(cls, cluster: Any, connect_timeout: float = 10.0) -> CephEngine:
@@ -145,20 +149,26 @@ class CephEngine(Engine):
         return engine, "none"
 
     # -- connections --------------------------------------------------------------
-    def connect(self, secrets: Mapping[str, str] | None = None) -> Rados:
-        """A connected handle for ``secrets`` (see the module notes); the caller shuts it down."""
-        user = key = None
+    def _credentials(self, secrets: Mapping[str, str] | None) -> tuple[str | None, str | None]:
+        """(user, key) of a call's secrets; (None, None) for the conf file's identity."""
         if secrets and (secrets.get(USER_ID) or secrets.get(USER_KEY)):
             user, key = secrets.get(USER_ID), secrets.get(USER_KEY)
             if not user or not key:
                 raise errors.PermissionError(
                     f"cluster {self.cluster_id}: the secret needs both {USER_ID} and {USER_KEY}"
                 )
-        elif self.conf is None:
+            return user, key
+        if self.conf is None:
             raise errors.PermissionError(
                 f"cluster {self.cluster_id}: no credentials (the call carries no {USER_ID}/"
                 f"{USER_KEY} secret and the cluster has no conf file with a keyring)"
             )
+        return None, None
+
+    def connect(self, secrets: Mapping[str, str] | None = None) -> Rados:
+        """A new connected handle for ``secrets`` (see the module notes); the caller
+        shuts it down. Calls use :meth:`session`, which shares connections."""
+        user, key = self._credentials(secrets)
         started = time.monotonic()
         try:
             return connect(
@@ -182,11 +192,10 @@ class CephEngine(Engine):
 
     @contextlib.contextmanager
     def session(self, secrets: Mapping[str, str] | None = None) -> Iterator[Rados]:
-        cluster = self.connect(secrets)
-        try:
+        """A connected handle for one call, shared with other calls of the same identity."""
+        user, key = self._credentials(secrets)
+        with self._connections.use(identity(user, key), lambda: self.connect(secrets)) as cluster:
             yield cluster
-        finally:
-            cluster.shutdown()
 
     def data_path_settings(self, cluster: Any) -> dict[str, str]:
         """librbd's cache settings as the connected client has them."""
@@ -303,7 +312,8 @@ class CephEngine(Engine):
         return removed
 
     def close(self) -> None:
-        """Nothing to release: sessions own their connections."""
+        """Shut down the connections kept for sessions."""
+        self._connections.close()
 
 
 def _json_command(cluster: Rados, command: dict[str, Any]) -> dict[str, Any]:
