@@ -109,16 +109,8 @@ def ceph_csi_driver(
     """`csi-rbd serve --config` with one ``engine: ceph`` cluster, ``ceph-it``, and no
     conf file (no identity of its own): every request carries the CSI user's secret.
     Nothing may be left on the node afterwards."""
-    from tests.csi.driver import Driver
-    from tests.node.conftest import force_clean, leftovers
+    from tests.csi.driver import running_driver
 
     root = Path(os.path.realpath(tmp_path))
-    running = Driver(root, cluster=ceph_cluster.config_entry(), secrets=csi_secrets)
-    running.start()
-    try:
+    with running_driver(root, cluster=ceph_cluster.config_entry(), secrets=csi_secrets) as running:
         yield running
-    finally:
-        running.stop()
-        found = leftovers(root)
-        force_clean(root)
-        assert not found, f"left behind: {found}"

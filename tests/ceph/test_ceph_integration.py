@@ -27,7 +27,7 @@ from csi_rbd.node.stash import load_stash
 from tests.ceph.cluster import CephCluster
 from tests.csi import engine_probe
 from tests.csi.conftest import block_capability, expect_code, mount_capability
-from tests.csi.driver import Driver, direct_io, write_file
+from tests.csi.driver import Driver, direct_io, running_driver, write_file
 from tests.csi.test_integration import (  # noqa: F401 - collected here against Ceph
     test_block_volume_lifecycle,
     test_discard_reaches_the_engine,
@@ -35,7 +35,7 @@ from tests.csi.test_integration import (  # noqa: F401 - collected here against 
     test_killed_node_plugin_comes_back,
     test_node_errors,
 )
-from tests.node.conftest import _UNUSABLE, force_clean, leftovers
+from tests.node.conftest import _UNUSABLE, leftovers
 
 MiB = 1 << 20
 Code = grpc.StatusCode
@@ -156,9 +156,7 @@ def test_restarted_plugin_with_a_dead_daemon(
     entry = ceph_cluster.config_entry()
     if own_identity:
         entry["conf"] = str(ceph_cluster.client_conf("admin"))
-    driver = Driver(root, cluster=entry, secrets=csi_secrets)
-    driver.start()
-    try:
+    with running_driver(root, cluster=entry, secrets=csi_secrets) as driver:
         capability = mount_capability("ext4")
         volume = driver.create("pvc-restart", 64 * MiB, capability)
         target = driver.stage_and_publish(volume, capability, "r")
@@ -184,11 +182,6 @@ def test_restarted_plugin_with_a_dead_daemon(
         write_file(target / "after", b"x")
         driver.unpublish_and_unstage(volume, "r", target)
         driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume.volume_id))
-    finally:
-        driver.stop()
-        found = leftovers(root)
-        force_clean(root)
-        assert not found, f"left behind: {found}"
 
 
 def test_block_volume_written_from_two_nodes(
@@ -201,11 +194,9 @@ def test_block_volume_written_from_two_nodes(
     capability = block_capability(mode)
     volume = driver.create("pvc-rwx", 32 * MiB, capability)
     other_root = Path(os.path.realpath(tmp_path_factory.mktemp("node-b")))
-    other = Driver(
+    with running_driver(
         other_root, cluster=ceph_cluster.config_entry(), secrets=driver.secrets, node_id="node-b"
-    )
-    other.start()
-    try:
+    ) as other:
         here = driver.stage_and_publish(volume, capability, "rwx")
         there = other.stage_and_publish(volume, capability, "rwx")
         first = os.urandom(MiB)
@@ -216,11 +207,6 @@ def test_block_volume_written_from_two_nodes(
         assert direct_io(here, 4 * MiB, length=MiB) == second
         other.unpublish_and_unstage(volume, "rwx", there)
         driver.unpublish_and_unstage(volume, "rwx", here)
-    finally:
-        other.stop()
-        found = leftovers(other_root)
-        force_clean(other_root)
-        assert not found, f"left behind: {found}"
     reason = expect_code(
         lambda: driver.create("pvc-rwx-fs", 32 * MiB, mount_capability(mode=mode)),
         Code.INVALID_ARGUMENT,

@@ -10,15 +10,16 @@ StorageClass's secret.
 from __future__ import annotations
 
 import base64
+import contextlib
 import mmap
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import yaml
@@ -28,6 +29,34 @@ from csi_rbd._proto import csi_pb2_grpc
 from csi_rbd.config import ClusterConfig, cluster_from_mapping
 from csi_rbd.ids import ResourceId
 from tests.csi import engine_probe
+from tests.node.conftest import force_clean, leftovers
+
+DEADLINE = 120.0  # seconds; a hung RPC fails its test instead of the whole run
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: Any
+    compression: Any
+
+
+class _Deadline(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Give every call without a timeout the default deadline."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if details.timeout is None:
+            details = _CallDetails(
+                details.method,
+                DEADLINE,
+                details.metadata,
+                details.credentials,
+                getattr(details, "wait_for_ready", None),
+                getattr(details, "compression", None),
+            )
+        return continuation(details, request)
 
 
 class _SecretsInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -48,21 +77,24 @@ class _SecretsInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[mis
 
 
 class Driver:
-    """A `csi-rbd serve` process and stubs for its three services."""
+    """A `csi-rbd serve` process (``mode``: all, controller or node) and stubs for its
+    three services; every call without a timeout gets :data:`DEADLINE`."""
 
     def __init__(
         self,
         root: Path,
+        mode: str = "all",
+        node_id: str = "node-a",
         cluster: Mapping[str, Any] | None = None,
         secrets: Mapping[str, str] | None = None,
-        node_id: str = "node-a",
     ) -> None:
         self.root = root
+        self.mode = mode
         self.node_id = node_id
         self.data_dir = root / "data"
         self.socket = root / "csi.sock"
+        self.log_path = root / "driver.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self.log = open(root / "driver.log", "ab")  # noqa: SIM115 - closed in stop()
         self.secrets = dict(secrets or {})
         self.config_file: Path | None = None
         if cluster is None:
@@ -74,7 +106,7 @@ class Driver:
         self.cluster_id = self.cluster.id
         self.baseline: tuple[list[str], list[str]] | None = None
 
-    def start(self) -> None:
+    def start(self, timeout: float = 30.0) -> None:
         argv = [
             sys.executable,
             "-m",
@@ -86,6 +118,8 @@ class Driver:
             f"unix://{self.socket}",
             "--node-id",
             self.node_id,
+            "--mode",
+            self.mode,
             "--state-dir",
             str(self.root / "state"),
             "--allowed-root",
@@ -93,24 +127,28 @@ class Driver:
         ]
         if self.config_file is not None:
             argv += ["--config", str(self.config_file)]
-        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        interceptors: list[Any] = [_Deadline()]
         if self.secrets:
-            self.channel = grpc.intercept_channel(self.channel, _SecretsInterceptor(self.secrets))
+            interceptors.append(_SecretsInterceptor(self.secrets))
+        self.channel = grpc.intercept_channel(
+            grpc.insecure_channel(f"unix://{self.socket}"), *interceptors
+        )
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.root / "driver.log").read_text()
+            assert self.process.poll() is None, self.log()
             try:
                 if self.identity.Probe(csi.ProbeRequest(), timeout=1).ready.value:
-                    if self.baseline is None:
+                    if self.baseline is None and self.mode != "node":
                         self.baseline = self.pool_contents()
                     return
             except grpc.RpcError:
                 time.sleep(0.1)
-        raise AssertionError("the driver did not become ready")
+        raise AssertionError(f"the driver did not become ready:\n{self.log()}")
 
     def kill(self) -> None:
         assert self.process is not None
@@ -119,12 +157,22 @@ class Driver:
         self.channel.close()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            assert self.process.wait(timeout=60) == 0
-            assert not self.socket.exists(), "the socket outlived a clean stop"
+        """SIGTERM, as kubelet stops a plugin; it must exit 0 and remove its socket."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=60)
+        finally:
             self.channel.close()
-        self.log.close()
+        assert code == 0, f"the driver exited with {code}:\n{self.log()}"
+        assert not self.socket.exists(), "the socket outlived a clean stop"
+
+    def log(self, tail: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except FileNotFoundError:
+            return ""
 
     # -- helpers ------------------------------------------------------------------
     def create(self, name: str, size: int, capability: Any, **fields: Any) -> csi.Volume:
@@ -196,6 +244,24 @@ class Driver:
         """(images, trash entries) of the cluster's default pool."""
         answer = self.probe("contents")
         return answer["images"], answer["trash"]
+
+
+@contextlib.contextmanager
+def running_driver(root: Path, **options: Any) -> Iterator[Driver]:
+    """A started driver (``options`` as for :class:`Driver`). When it stops, nothing
+    may be left on the node under ``root``: no mount, loop device, FUSE mount or
+    attach daemon (checked, then cleaned up either way)."""
+    driver = Driver(root, **options)
+    driver.start()
+    try:
+        yield driver
+    finally:
+        try:
+            driver.stop()
+        finally:
+            found = leftovers(root)
+            force_clean(root)
+        assert not found, f"left behind on the node: {found}"
 
 
 def write_file(path: Path, data: bytes) -> None:

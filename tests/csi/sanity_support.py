@@ -1,130 +1,30 @@
 """Helpers for the CSI conformance suite (``test_sanity.py``).
 
-``Driver`` runs ``csi-rbd serve`` as a subprocess on a unix socket, the way
-Kubernetes runs the plugin; ``Resources`` records what a test provisioned and
-tears it down in the order a CO would (unpublish, unstage, delete), the role
-csi-sanity's ``Resources.Cleanup`` plays.
+``Driver`` (from :mod:`tests.csi.driver`) runs ``csi-rbd serve`` as a
+subprocess on a unix socket, the way Kubernetes runs the plugin;
+``Resources`` records what a test provisioned and tears it down in the order
+a CO would (unpublish, unstage, delete), the role csi-sanity's
+``Resources.Cleanup`` plays.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 
 from csi_rbd._proto import csi_pb2 as csi
-from csi_rbd._proto import csi_pb2_grpc
 from csi_rbd.ids import ResourceId
+from tests.csi.driver import Driver
 
 MiB = 1 << 20
 Code = grpc.StatusCode
 Mode = csi.VolumeCapability.AccessMode.Mode
-DEADLINE = 120.0  # seconds; a hung RPC fails its test instead of the whole run
-
-
-class _CallDetails(NamedTuple):
-    method: str
-    timeout: float | None
-    metadata: Any
-    credentials: Any
-    wait_for_ready: Any
-    compression: Any
-
-
-class _Deadline(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Give every call without a timeout the default deadline."""
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        if details.timeout is None:
-            details = _CallDetails(
-                details.method,
-                DEADLINE,
-                details.metadata,
-                details.credentials,
-                getattr(details, "wait_for_ready", None),
-                getattr(details, "compression", None),
-            )
-        return continuation(details, request)
-
-
-class Driver:
-    """A ``csi-rbd serve`` process and stubs for its three services."""
-
-    def __init__(self, root: Path, mode: str = "all", node_id: str = "node-a") -> None:
-        self.root = root
-        self.mode = mode
-        self.node_id = node_id
-        self.data_dir = root / "data"
-        self.socket = root / "csi.sock"
-        self.log_path = root / "driver.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "csi_rbd.cli",
-                    "--data-dir",
-                    str(self.data_dir),
-                    "serve",
-                    "--endpoint",
-                    f"unix://{self.socket}",
-                    "--node-id",
-                    self.node_id,
-                    "--mode",
-                    self.mode,
-                    "--state-dir",
-                    str(self.root / "state"),
-                    "--allowed-root",
-                    str(self.root),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.channel = grpc.intercept_channel(
-            grpc.insecure_channel(f"unix://{self.socket}"), _Deadline()
-        )
-        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
-        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
-        self.node = csi_pb2_grpc.NodeStub(self.channel)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log()
-            try:
-                if self.identity.Probe(csi.ProbeRequest(), timeout=1).ready.value:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-        raise AssertionError(f"the driver did not become ready:\n{self.log()}")
-
-    def stop(self) -> None:
-        """SIGTERM, as kubelet stops a plugin; it must exit 0 and remove its socket."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=60)
-        finally:
-            self.channel.close()
-        assert code == 0, f"the driver exited with {code}:\n{self.log()}"
-        assert not self.socket.exists(), "the socket outlived a clean stop"
-
-    def log(self, tail: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except FileNotFoundError:
-            return ""
 
 
 # -- requests ------------------------------------------------------------------------------

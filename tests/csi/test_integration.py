@@ -23,8 +23,8 @@ import pytest
 from csi_rbd._proto import csi_pb2 as csi
 from csi_rbd.ids import ResourceId
 from tests.csi.conftest import block_capability, expect_code, mount_capability
-from tests.csi.driver import Driver, direct_io, write_file
-from tests.node.conftest import _UNUSABLE, force_clean, leftovers
+from tests.csi.driver import Driver, direct_io, running_driver, write_file
+from tests.node.conftest import _UNUSABLE
 
 MiB = 1 << 20
 Code = grpc.StatusCode
@@ -33,16 +33,8 @@ pytestmark = pytest.mark.skipif(bool(_UNUSABLE), reason=f"node data path {_UNUSA
 
 @pytest.fixture
 def driver(tmp_path: Path) -> Iterator[Driver]:
-    root = Path(os.path.realpath(tmp_path))
-    running = Driver(root)
-    running.start()
-    try:
+    with running_driver(Path(os.path.realpath(tmp_path))) as running:
         yield running
-    finally:
-        running.stop()
-        found = leftovers(root)
-        force_clean(root)
-        assert not found, f"left behind: {found}"
 
 
 @pytest.mark.parametrize("fs_type", ["ext4", "xfs"])

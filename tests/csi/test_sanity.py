@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from csi_rbd._proto import csi_pb2 as csi
-from csi_rbd.engine.native import RBD, Rados
+from tests.csi.driver import running_driver
 from tests.csi.sanity_support import (
     Code,
     Driver,
@@ -45,7 +45,7 @@ from tests.csi.sanity_support import (
     unique_with_length,
     write_payload,
 )
-from tests.node.conftest import _UNUSABLE, force_clean, leftovers
+from tests.node.conftest import _UNUSABLE
 
 pytestmark = pytest.mark.skipif(bool(_UNUSABLE), reason=f"node data path {_UNUSABLE}")
 
@@ -61,21 +61,10 @@ Expansion = csi.PluginCapability.VolumeExpansion.Type
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
     root = Path(os.path.realpath(tmp_path_factory.mktemp("sanity")))
-    running = Driver(root)
-    running.start()
-    try:
+    with running_driver(root) as running:
         yield running
-    finally:
-        try:
-            running.stop()
-        finally:
-            found = leftovers(root)
-            force_clean(root)
-        assert not found, f"left behind on the node: {found}"
-        with Rados(data_dir=running.data_dir) as cluster:
-            ioctx = cluster.open_ioctx("rbd")
-            images, trash = RBD().list(ioctx), RBD().trash_list(ioctx)
-        assert images == [] and trash == [], f"left in the engine: {images} {trash}"
+    images, trash = running.pool_contents()
+    assert images == [] and trash == [], f"left in the engine: {images} {trash}"
 
 
 @pytest.fixture
@@ -141,12 +130,8 @@ def test_plugin_capabilities_do_not_depend_on_mode(
     """spec (GetPluginCapabilities): all instances of the same version SHALL return the same
     set of capabilities, regardless of which RPCs an instance is serving."""
     everything = driver.identity.GetPluginCapabilities(csi.GetPluginCapabilitiesRequest())
-    other = Driver(Path(os.path.realpath(tmp_path)), mode=mode)
-    other.start()
-    try:
+    with running_driver(Path(os.path.realpath(tmp_path)), mode=mode) as other:
         answer = other.identity.GetPluginCapabilities(csi.GetPluginCapabilitiesRequest())
-    finally:
-        other.stop()
     assert sorted(map(str, answer.capabilities)) == sorted(map(str, everything.capabilities))
 
 

@@ -415,24 +415,6 @@ def pat(tag: int, length: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "data"
-    cluster = Rados(data_dir=directory)
-    cluster.connect()
-    cluster.shutdown()
-    return directory
-
-
-@pytest.fixture
-def local(data_dir: Path) -> Iterator[Any]:
-    """This process's own ioctx on the shared pool."""
-    cluster = Rados(data_dir=data_dir)
-    cluster.connect()
-    yield cluster.open_ioctx(POOL)
-    cluster.shutdown()
-
-
-@pytest.fixture
 def agents() -> Iterator[list[Agent]]:
     """Agents a test started (with :func:`new_agent`); killed at the end whatever happened."""
     started: list[Agent] = []

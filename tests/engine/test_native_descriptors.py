@@ -29,23 +29,6 @@ OBJ = 1 << ORDER
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "data"
-    cluster = Rados(data_dir=directory)
-    cluster.connect()
-    cluster.shutdown()
-    return directory
-
-
-@pytest.fixture
-def local(data_dir: Path) -> Iterator[Any]:
-    cluster = Rados(data_dir=data_dir)
-    cluster.connect()
-    yield cluster.open_ioctx("rbd")
-    cluster.shutdown()
-
-
-@pytest.fixture
 def agents() -> Iterator[list[Agent]]:
     started: list[Agent] = []
     yield started

@@ -455,18 +455,7 @@ class Image:
     def _write_piece(self, view: _View, objno: int, in_object: int, data: memoryview) -> None:
         """Write into head's writable version of ``objno`` (copied up first)."""
         store = self._store
-        for _ in range(8):
-            self._make_writable(view, objno)
-            seq = self._record.seq
-            try:
-                store.write(objno, seq, in_object, data)
-            except FileNotFoundError:
-                # a discard on another thread removed the version between the two steps
-                self._cache.pop(objno, None)
-                continue
-            self._note_dirty(objno, seq)
-            return
-        raise errors.IOError(f"object {objno} keeps vanishing under a write")
+        self._change_object(view, objno, lambda seq: store.write(objno, seq, in_object, data))
 
     def _change_object(self, view: _View, objno: int, change: Callable[[int], None]) -> None:
         """Apply ``change(epoch)`` to head's writable version of ``objno`` (copied up first)."""
