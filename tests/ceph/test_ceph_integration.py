@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ def test_cache_modes_reach_librbd_and_flushed_data_survives(driver: Driver, cach
     else:
         assert settings["rbd_cache_max_dirty"] != "0", settings
 
+    _assert_secret_nowhere(driver, record.daemon_pid)
+
     data = os.urandom(2 * MiB)
     direct_io(device, 8 * MiB, data)  # O_DIRECT write + fsync: a flush down to librbd
     os.kill(record.daemon_pid, signal.SIGKILL)
@@ -132,6 +135,21 @@ def test_stage_without_secrets_is_unauthenticated(driver: Driver) -> None:
     expect_code(lambda: driver.node.NodeStageVolume(request), Code.UNAUTHENTICATED)
     assert not leftovers(driver.root)
     driver.controller.DeleteVolume(csi.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+
+def _assert_secret_nowhere(driver: Driver, daemon_pid: int) -> None:
+    """The key is not in the daemon's command line or environment, nor in any file
+    the node keeps (stash, index, logs, ready files), nor in a keyring left behind."""
+    key = driver.secrets["userKey"].encode()
+    proc = Path("/proc") / str(daemon_pid)
+    assert key not in (proc / "cmdline").read_bytes()
+    assert key not in (proc / "environ").read_bytes()
+    for path in driver.root.rglob("*"):
+        if path.is_file() and not path.is_mount() and "mount" not in path.parts:
+            assert key not in path.read_bytes(), f"the key is in {path}"
+    for folder in (Path("/dev/shm"), Path(tempfile.gettempdir())):
+        left = [str(path) for path in folder.glob("csi-rbd-keyring-*")]
+        assert not left, f"private keyrings left behind: {left}"
 
 
 def _daemon_librbd_settings(driver: Driver, name: str) -> dict[str, str]:
