@@ -35,6 +35,11 @@ class Engine(ABC):
     default_pool: str
     rbd: Any  # an ``RBD`` instance (python-rbd shape)
     image_class: Any  # the ``Image`` class (python-rbd shape)
+    # Threads a node's attach daemon serves one image with. The native engine
+    # holds the GIL while it works, so more threads only add hand-offs between
+    # them (measured: 16 threads do 40-50% fewer 4 KiB requests than 4);
+    # librbd releases it and waits on the network, so it wants more in flight.
+    io_threads: int = 4
 
     @abstractmethod
     def session(self, secrets: Mapping[str, str] | None = None) -> AbstractContextManager[Any]:

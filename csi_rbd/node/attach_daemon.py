@@ -110,7 +110,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shared", action="store_true", help="other clients may write: take no exclusive lock"
     )
-    parser.add_argument("--threads", type=int, default=16, help="FUSE worker threads")
+    parser.add_argument(
+        "--threads", type=int, help="FUSE worker threads (default: the engine's io_threads)"
+    )
     return parser.parse_args(argv)
 
 
@@ -248,7 +250,7 @@ def _serve(
                 mountpoint,
                 fsname=f"csi-rbd:{name}",
                 read_only=args.read_only,
-                threads=args.threads,
+                threads=args.threads or engine.io_threads,
             )
         except RuntimeError as exc:
             if not served:

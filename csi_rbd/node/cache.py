@@ -84,6 +84,7 @@ STREAM_MIN = (1 << 20) + 1  # writes from this size up go straight through (stre
 _FLUSHERS = 2  # background write-back threads: the kernel's share of writes overlaps
 _FLUSHER_BATCH = 256  # pages written back per flusher round
 _RETRY_DELAY = 0.1  # after a failed background write-back
+_WRITER_SCAN = 64  # claimed pages a writer over the limit skips before it waits instead
 
 Buffer = bytes | bytearray | memoryview
 
@@ -174,6 +175,10 @@ def open_cached(
 class CachedImage:
     """An image behind the cache; thread-safe. Closing it flushes; the image stays open."""
 
+    # Every engine call made here holds the object locks of its range (see the
+    # design note): callers need no locks of their own around reads and writes.
+    locks_objects = True
+
     def __init__(
         self,
         image: CacheableImage,
@@ -209,7 +214,8 @@ class CachedImage:
         self._writer = False
         self._closed = False
         self._flushers: list[threading.Thread] = []
-        self._busy: set[int] = set()  # objects a flusher or a flush is writing back
+        self._busy: set[int] = set()  # objects a flusher, a flush or a writer is writing back
+        self._flushing = 0  # flushes writing back now
         self._failure: BaseException | None = None
         # counters, for metrics
         self.flushes = 0
@@ -406,6 +412,15 @@ class CachedImage:
                 self._writer = True
 
     def _write_to_cache(self, view: memoryview, offset: int) -> None:
+        """Keep a write as dirty data; over ``max_dirty``, write back the oldest
+        pages first. Writers (and flushers) claim the objects they write back in
+        ``_busy``, so that concurrent writers free distinct pages instead of
+        queueing on the object lock of the same oldest page and finding it clean;
+        when the oldest dirty pages are all claimed, a writer waits for a
+        write-back to end (looking further would cost a scan of the dirty pages
+        per write, for pages younger than those about to be freed). While a
+        flush writes back, writers over the limit wait for it to free room (as
+        librbd's do) rather than compete with it, which would delay the flush."""
         length = len(view)
         while True:
             with self._lock:
@@ -416,11 +431,38 @@ class CachedImage:
                     if was_clean or self._pages.dirty_bytes > self.target_dirty:
                         self._wake_flusher()  # it has work, or its next deadline changed
                     return
-                victims = self._pages.oldest(over)
+                victims = (
+                    []
+                    if self._flushing
+                    else self._pages.oldest(over, self._unclaimed, _WRITER_SCAN)
+                )
+                if not victims and (self._flushing or self._busy) and not self._closed:
+                    # a flush frees room as it goes, and is not slowed by writers
+                    # racing it for the objects (and the GIL); or every dirty page
+                    # is being written back already
+                    self._wake.wait()
+                    continue
+                objects = self._claim(victims)
             if not victims:  # nothing left to free (cannot happen if it fits alone)
                 self._write_through(self._engine_data(view, view), offset)
                 return
-            self._write_back(victims)
+            try:
+                self._write_back(victims)
+            finally:
+                with self._lock:
+                    self._busy -= objects
+                    self._wake.notify_all()
+
+    def _unclaimed(self, index: int) -> bool:
+        """Whether no one is writing back the object of this page; state lock held."""
+        return (index * PAGE) >> self._objects.shift not in self._busy
+
+    def _claim(self, victims: list[int]) -> set[int]:
+        """Mark the objects of these pages as being written back; state lock held."""
+        shift = self._objects.shift
+        objects = {(index * PAGE) >> shift for index in victims}
+        self._busy |= objects
+        return objects
 
     def _write_through(self, data: bytes, offset: int) -> None:
         """Write to the engine (bytes: librbd's binding takes nothing else), then the pages."""
@@ -493,20 +535,26 @@ class CachedImage:
             pending: dict[int, list[int]] = {}
             for index in sorted(self._pages.dirty):
                 pending.setdefault((index * PAGE) >> shift, []).append(index)
-        while pending:
-            with self._lock:
-                while True:
-                    objno = next((o for o in pending if o not in self._busy), None)
-                    if objno is not None:
-                        break
-                    self._wake.wait()  # every object left is being written back
-                self._busy.add(objno)
-            try:
-                self._write_back(pending.pop(objno))
-            finally:
+            self._flushing += 1  # writers over the limit wait for it (see _write_to_cache)
+        try:
+            while pending:
                 with self._lock:
-                    self._busy.discard(objno)
-                    self._wake.notify_all()
+                    while True:
+                        objno = next((o for o in pending if o not in self._busy), None)
+                        if objno is not None:
+                            break
+                        self._wake.wait()  # every object left is being written back
+                    self._busy.add(objno)
+                try:
+                    self._write_back(pending.pop(objno))
+                finally:
+                    with self._lock:
+                        self._busy.discard(objno)
+                        self._wake.notify_all()
+        finally:
+            with self._lock:
+                self._flushing -= 1
+                self._wake.notify_all()
 
     def flush_range(self, offset: int, length: int) -> None:
         """Make one range durable (an NBD FUA): write back its dirty pages, then flush."""

@@ -326,11 +326,18 @@ class PageStore:
             excess -= 1
 
     # -- write-back ----------------------------------------------------------------------
-    def oldest(self, nbytes: int, allowed: Callable[[int], bool] | None = None) -> list[int]:
-        """The oldest dirty pages (``allowed`` ones) holding at least ``nbytes``."""
+    def oldest(
+        self, nbytes: int, allowed: Callable[[int], bool] | None = None, scan: int | None = None
+    ) -> list[int]:
+        """The oldest dirty pages (``allowed`` ones) holding at least ``nbytes``;
+        with ``scan``, looking at no more than that many of the oldest pages."""
         victims: list[int] = []
         for index, page in self.dirty.items():
             if allowed is not None and not allowed(index):
+                if scan is not None:
+                    scan -= 1
+                    if scan <= 0:
+                        break
                 continue
             victims.append(index)
             intervals = page.intervals

@@ -36,11 +36,15 @@ Threads and speed: libfuse serves requests on a pool of its own threads
 (async direct I/O from the loop device keeps several in flight; measured
 requests are at most 512 KiB, the loop queue's 128 segments). Two things are
 needed for correctness there, see :func:`_pin_thread_state` and
-:class:`ObjectLocks`. Per-request overhead is kept low: read/write take the
-path-less route (``nullpath_ok``: libfuse resolves no path), there are no
-xattr handlers (the kernel remembers ENOSYS and stops asking, e.g. for
-security.capability on every write), and the background-request limit is
-raised so that the kernel keeps more async requests in flight.
+:class:`ObjectLocks` (taken here only for an image that does not take them
+itself: the node cache does, around every engine call it makes, so cache hits
+and cached writes are not serialised per object). Per-request overhead is kept
+low: read/write take the path-less route (``nullpath_ok``: libfuse resolves no
+path) and lean callbacks (:class:`_FUSE`: no file-handle structure built per
+request), there are no xattr handlers (the kernel remembers ENOSYS and stops
+asking, e.g. for security.capability on every write), and the
+background-request limit is raised so that the kernel keeps more async
+requests in flight.
 """
 
 from __future__ import annotations
@@ -140,6 +144,11 @@ class ImageFile(mfusepy.Operations):  # type: ignore[misc]
         self._on_ready = on_ready
         self._flush_lock = threading.Lock()
         self._objects = ObjectLocks(int(image.stat()["obj_size"]))
+        # The node cache holds the object locks of every engine call it makes
+        # itself, so reads and writes need no second layer (which would also
+        # serialise cache hits and cached writes to one object); a bare
+        # engine image gets them here.
+        self._own_locks = not getattr(image, "locks_objects", False)
         now = time.time_ns()
         self._times = {"st_atime": now, "st_mtime": now, "st_ctime": now}
         self._mode = stat.S_IFREG | (0o444 if read_only else 0o644)
@@ -231,7 +240,7 @@ class ImageFile(mfusepy.Operations):  # type: ignore[misc]
     # -- data ----------------------------------------------------------------------
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         _pin_thread_state()
-        held = self._objects.acquire(offset, size)
+        held = self._objects.acquire(offset, size) if self._own_locks else None
         try:
             return self.image.read(offset, size)
         except engine_errors.InvalidArgument:
@@ -241,13 +250,14 @@ class ImageFile(mfusepy.Operations):  # type: ignore[misc]
         except engine_errors.Error as exc:
             raise _fail(_engine_errno(exc)) from exc
         finally:
-            self._objects.release(held)
+            if held is not None:
+                self._objects.release(held)
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         _pin_thread_state()
         if self.read_only:
             raise _fail(errno.EROFS)
-        held = self._objects.acquire(offset, len(data))
+        held = self._objects.acquire(offset, len(data)) if self._own_locks else None
         try:
             return self.image.write(data, offset)
         except engine_errors.InvalidArgument:
@@ -257,7 +267,8 @@ class ImageFile(mfusepy.Operations):  # type: ignore[misc]
         except engine_errors.Error as exc:
             raise _fail(_engine_errno(exc)) from exc
         finally:
-            self._objects.release(held)
+            if held is not None:
+                self._objects.release(held)
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         _pin_thread_state()
@@ -335,4 +346,36 @@ def serve(
         options["max_idle_threads"] = threads
     if read_only:
         options["ro"] = True
-    mfusepy.FUSE(operations, mountpoint, raw_fi=False, **options)
+    _FUSE(operations, mountpoint, raw_fi=False, **options)
+
+
+class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
+    """mfusepy's FUSE with leaner read and write callbacks, the ones every I/O takes.
+
+    They hand the operations the same arguments as mfusepy's (the path, None
+    with ``nullpath_ok``, decoded the same way) except the file handle, which
+    :class:`ImageFile` does not use (``open`` returns 0): reading it would
+    build a ctypes structure per request. Errors still go through mfusepy's
+    wrapper (a ``FuseOSError`` becomes its errno).
+    """
+
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        data = self.operations.read(
+            None if path is None else path.decode(self.encoding, self.errors), size, offset, 0
+        )
+        count = len(data)
+        if count > size:
+            raise RuntimeError(f"read returned {count} bytes for {size} asked")
+        if count:
+            ctypes.memmove(buf, data, count)
+        return count
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        return int(
+            self.operations.write(
+                None if path is None else path.decode(self.encoding, self.errors),
+                ctypes.string_at(buf, size),
+                offset,
+                0,
+            )
+        )

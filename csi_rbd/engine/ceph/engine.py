@@ -98,6 +98,7 @@ class CephEngine(Engine):
     """One Ceph cluster: monitors, an optional conf file and RADOS namespace."""
 
     kind = "ceph"
+    io_threads = 16
 
     def __init__(
         self,
