@@ -31,9 +31,11 @@ an interrupted one are deleted by the next holder of the barrier.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -54,6 +56,12 @@ RBD_LOCK_MODE_EXCLUSIVE = 0
 RBD_LOCK_MODE_SHARED = 1
 RBD_SNAP_NAMESPACE_TYPE_USER = 0
 _COPY_CHUNK = 1 << 20
+# fsyncs a flush keeps in flight: the disk and the filesystem's journal batch
+# them (measured: 256 objects with scattered 4 KiB writes sync in half the
+# time of one after the other, as fast as one file holding the same writes)
+_FLUSH_THREADS = 8
+_flush_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): none survives a fork
+_flush_pool_lock = threading.Lock()
 _FLATTEN_PASSES = 3  # passes over the objects before checking them inside the barrier
 
 DiffCallback = Callable[[int, int, bool], Any]
@@ -80,6 +88,23 @@ class _View:
         if not self.reads_parent(offset):
             return None, 0
         return self.parent, min(length, self.overlap - offset)
+
+
+def _fsync_versions(store: ObjectStore, versions: set[tuple[int, int]]) -> None:
+    """fsync every (objno, epoch); all are done (or failed) before this returns."""
+    if len(versions) <= 1:
+        for objno, epoch in versions:
+            store.fsync_version(objno, epoch)
+        return
+    global _flush_pool
+    with _flush_pool_lock:
+        if _flush_pool is None or _flush_pool[0] != os.getpid():
+            _flush_pool = (os.getpid(), ThreadPoolExecutor(_FLUSH_THREADS, "csi-rbd-fsync"))
+        pool = _flush_pool[1]
+    futures = [pool.submit(store.fsync_version, objno, epoch) for objno, epoch in versions]
+    wait(futures)
+    for future in futures:
+        future.result()  # the first failure, once none is still running
 
 
 class Image:
@@ -500,8 +525,7 @@ class Image:
             with self._state_lock:
                 dirty, self._dirty = self._dirty, set()
                 directory_dirty, self._directory_dirty = self._directory_dirty, False
-            for objno, epoch in dirty:
-                self._store.fsync_version(objno, epoch)
+            _fsync_versions(self._store, dirty)
             if directory_dirty:
                 self._store.fsync_directory()
 
