@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from csi_rbd.engine.native import Rados
+
+if TYPE_CHECKING:
+    from tests.engine.test_multiprocess import Agent
 
 
 @pytest.fixture
@@ -28,3 +31,12 @@ def local(data_dir: Path) -> Iterator[Any]:
     cluster.connect()
     yield cluster.open_ioctx("rbd")
     cluster.shutdown()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    """Agents a test started (with ``new_agent``); killed at the end whatever happened."""
+    started: list[Agent] = []
+    yield started
+    for agent in started:
+        agent.kill()

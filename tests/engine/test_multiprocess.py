@@ -35,7 +35,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -412,15 +411,6 @@ class Agent:
 def pat(tag: int, length: int) -> dict[str, Any]:
     """A payload argument for an agent (built on the other side)."""
     return {"payload": [tag, length]}
-
-
-@pytest.fixture
-def agents() -> Iterator[list[Agent]]:
-    """Agents a test started (with :func:`new_agent`); killed at the end whatever happened."""
-    started: list[Agent] = []
-    yield started
-    for agent in started:
-        agent.kill()
 
 
 def new_agent(agents: list[Agent], data_dir: Path, lock_timeout: float = 30.0) -> Agent:
