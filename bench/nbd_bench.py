@@ -205,6 +205,18 @@ class Bench:
         self.tmpfs = Path(tempfile.mkdtemp(prefix="nbd-bench-", dir="/dev/shm"))
         self.sock_dir = Path(tempfile.mkdtemp(prefix="nbdb-", dir="/tmp"))
 
+    def create_image(self, spec: str, size: int) -> None:
+        run(
+            str(CLI),
+            "--data-dir",
+            str(self.data_dir),
+            "image",
+            "create",
+            "--size",
+            f"{size >> 20}M",
+            spec,
+        )
+
     def close(self) -> None:
         shutil.rmtree(self.tmpfs, ignore_errors=True)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
@@ -218,16 +230,7 @@ class Bench:
                 handle.write(os.urandom(16 * MiB))
         with open(self.plain, "wb") as handle:
             handle.truncate(size)
-        run(
-            str(CLI),
-            "--data-dir",
-            str(self.data_dir),
-            "image",
-            "create",
-            "--size",
-            f"{size >> 20}M",
-            "rbd/bench",
-        )
+        self.create_image("rbd/bench", size)
 
     @contextlib.contextmanager
     def exports(self) -> Iterator[tuple[Export, Export]]:
@@ -435,16 +438,7 @@ class Bench:
         size = self.config.size
         report = self.report
         reference, source = self.librbd_reference()  # measured before anything is staged
-        run(
-            str(CLI),
-            "--data-dir",
-            str(self.data_dir),
-            "image",
-            "create",
-            "--size",
-            f"{size >> 20}M",
-            "rbd/fuse",
-        )
+        self.create_image("rbd/fuse", size)
         stager = NodeStager(self.base / "state", [self.base])
         staging = self.base / "staging"
         locator = ImageLocator("bench", "native", "rbd", "fuse", str(self.data_dir))

@@ -152,24 +152,10 @@ class ObjectLocks:
         return offset >> self._shift
 
 
-def open_cached(
-    image: CacheableImage,
-    mode: str,
-    *,
-    max_dirty: int = 24 << 20,
-    target_dirty: int = 16 << 20,
-    max_dirty_age: float = 1.0,
-    cache_size: int = 32 << 20,
-) -> CachedImage:
-    """Wrap ``image`` in a cache of ``mode`` (none, writethrough, writeback)."""
-    return CachedImage(
-        image,
-        mode,
-        max_dirty=max_dirty,
-        target_dirty=target_dirty,
-        max_dirty_age=max_dirty_age,
-        cache_size=cache_size,
-    )
+def open_cached(image: CacheableImage, mode: str, **bounds: Any) -> CachedImage:
+    """Wrap ``image`` in a cache of ``mode`` (none, writethrough, writeback);
+    ``bounds`` as for :class:`CachedImage` (librbd's defaults otherwise)."""
+    return CachedImage(image, mode, **bounds)
 
 
 class CachedImage:

@@ -56,14 +56,14 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 import mfusepy
 
 from csi_rbd.engine import errors as engine_errors
-from csi_rbd.node.cache import ObjectLocks
+from csi_rbd.node.cache import CacheableImage, ObjectLocks
 from csi_rbd.node.daemon_protocol import DISCARD_MODES
 
 IMAGE_NAME = "image"
@@ -75,24 +75,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_FL_WRITE_ZEROES = 0x80  # Linux 6.17+: zero and keep allocated
 _ZERO_CHUNK = 1 << 20
 _BLOCK = 4096
-
-
-class BlockImage(Protocol):
-    """The part of ``rbd.Image`` (native or librbd) the file needs."""
-
-    def size(self) -> int: ...
-
-    def read(self, offset: int, length: int, fadvise_flags: int = ...) -> bytes: ...
-
-    def write(self, data: bytes, offset: int, fadvise_flags: int = ...) -> int: ...
-
-    def discard(self, offset: int, length: int) -> int: ...
-
-    def write_zeroes(self, offset: int, length: int, zero_flags: int = ...) -> int: ...
-
-    def flush(self) -> None: ...
-
-    def stat(self) -> dict[str, Any]: ...
 
 
 _pinned = threading.local()
@@ -130,7 +112,7 @@ class ImageFile(mfusepy.Operations):  # type: ignore[misc]
 
     def __init__(
         self,
-        image: BlockImage,
+        image: CacheableImage,
         *,
         read_only: bool = False,
         discard: str = "unmap",

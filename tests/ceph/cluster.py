@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csi_rbd.engine.native.objects import process_alive
+
 DAEMONS = ("ceph-mon", "ceph-osd", "ceph-authtool", "monmaptool", "setpriv")
 DEBIAN_PACKAGES = (
     "ceph-mon",
@@ -354,12 +356,8 @@ osd memory target = 536870912
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return False
-    except PermissionError:
-        return True
     # a zombie child of ours counts as gone
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -56,6 +56,7 @@ Left as librbd does it (tested in ``tests/ceph``):
   driver's own identity; see :mod:`.engine`).
 """
 
+from csi_rbd.engine import errors as _errors
 from csi_rbd.engine.ceph.bindings import BindingsUnavailable
 from csi_rbd.engine.ceph.client import (
     RBD,
@@ -73,26 +74,7 @@ from csi_rbd.engine.ceph.client import (
     connect,
 )
 from csi_rbd.engine.ceph.engine import CephEngine
-from csi_rbd.engine.errors import (
-    ArgumentOutOfRange,
-    ConnectionShutdown,
-    Error,
-    FunctionNotSupported,
-    ImageBusy,
-    ImageExists,
-    ImageHasSnapshots,
-    ImageNotFound,
-    InvalidArgument,
-    IOError,
-    NoSpace,
-    ObjectExists,
-    ObjectNotFound,
-    OperationNotSupported,
-    OSError,
-    PermissionError,
-    ReadOnlyImage,
-    Timeout,
-)
+from csi_rbd.engine.errors import *  # noqa: F403 (the same exception tree for every engine)
 
 __all__ = [
     "RBD",
@@ -104,28 +86,11 @@ __all__ = [
     "RBD_FEATURE_OBJECT_MAP",
     "RBD_LOCK_MODE_EXCLUSIVE",
     "RBD_LOCK_MODE_SHARED",
-    "ArgumentOutOfRange",
     "BindingsUnavailable",
     "CephEngine",
-    "ConnectionShutdown",
-    "Error",
-    "FunctionNotSupported",
-    "IOError",
     "Image",
-    "ImageBusy",
-    "ImageExists",
-    "ImageHasSnapshots",
-    "ImageNotFound",
-    "InvalidArgument",
     "IoCtx",
-    "NoSpace",
-    "OSError",
-    "ObjectExists",
-    "ObjectNotFound",
-    "OperationNotSupported",
-    "PermissionError",
     "Rados",
-    "ReadOnlyImage",
-    "Timeout",
     "connect",
 ]
+__all__ += _errors.__all__

@@ -13,26 +13,8 @@ uses, so code written for librbd's binding runs here unchanged::
             image.flush()
 """
 
-from csi_rbd.engine.errors import (
-    ArgumentOutOfRange,
-    ConnectionShutdown,
-    Error,
-    FunctionNotSupported,
-    ImageBusy,
-    ImageExists,
-    ImageHasSnapshots,
-    ImageNotFound,
-    InvalidArgument,
-    IOError,
-    NoSpace,
-    ObjectExists,
-    ObjectNotFound,
-    OperationNotSupported,
-    OSError,
-    PermissionError,
-    ReadOnlyImage,
-    Timeout,
-)
+from csi_rbd.engine import errors as _errors
+from csi_rbd.engine.errors import *  # noqa: F403 (the same exception tree for every engine)
 from csi_rbd.engine.native.image import RBD_LOCK_MODE_EXCLUSIVE, RBD_LOCK_MODE_SHARED, Image
 from csi_rbd.engine.native.rados import DEFAULT_POOL, IoCtx, Rados
 from csi_rbd.engine.native.rbd import RBD
@@ -56,25 +38,8 @@ __all__ = [
     "RBD_FEATURE_OBJECT_MAP",
     "RBD_LOCK_MODE_EXCLUSIVE",
     "RBD_LOCK_MODE_SHARED",
-    "ArgumentOutOfRange",
-    "ConnectionShutdown",
-    "Error",
-    "FunctionNotSupported",
-    "IOError",
     "Image",
-    "ImageBusy",
-    "ImageExists",
-    "ImageHasSnapshots",
-    "ImageNotFound",
-    "InvalidArgument",
     "IoCtx",
-    "NoSpace",
-    "OSError",
-    "ObjectExists",
-    "ObjectNotFound",
-    "OperationNotSupported",
-    "PermissionError",
     "Rados",
-    "ReadOnlyImage",
-    "Timeout",
 ]
+__all__ += _errors.__all__
