@@ -524,7 +524,7 @@ class Bench:
                         f"{fuse:.0f} IOPS = {ratio:.2f}x of {reference[kind]:.0f} (informational)",
                     )
         finally:
-            loop.detach(plain.path)
+            loop.detach(plain.path, plain.backing_file)
             stager.unstage("bench-vol", staging)
 
 

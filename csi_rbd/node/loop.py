@@ -8,7 +8,7 @@ from ``/sys/block/loopN/loop/dio``).
 
 Detaching is asynchronous in the kernel: ``losetup -d`` on a device something
 still holds only marks it to clear on last close. :func:`detach` polls until
-the device has no backing file any more.
+the device no longer serves the file it was given.
 """
 
 from __future__ import annotations
@@ -128,26 +128,32 @@ def _attach_once(path: str, read_only: bool) -> LoopDevice | None:
     return info
 
 
-def detach(device: str, *, timeout: float = 10.0) -> None:
-    """Detach ``device``; succeed once nothing is attached to it.
+def detach(device: str, file: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
+    """Detach ``device`` from ``file``; succeed once the device no longer serves it.
+
+    The device's name alone is not enough: the moment the kernel frees it,
+    another attach (another volume, another process) may take it, and a
+    retry by name would detach that one instead (seen as mkfs finding a
+    zero-size device on a volume staged at the same time). So every step
+    checks that the device still serves ``file``.
 
     PreconditionFailed when it is still attached after ``timeout`` (something
     still holds it open: a mount, a process, another namespace).
     """
+    wanted = os.path.abspath(file)
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
-        if backing_file(device) is None:
+        if backing_file(device) != wanted:
             return
         if not _flag(device, "autoclear"):
             result = run(["losetup", "-d", device], timeout=30, check=False)
             failed = result.returncode != 0 and "No such device" not in result.stderr
-            if failed and backing_file(device) is not None:
+            if failed and backing_file(device) == wanted:
                 raise CommandFailed(["losetup", "-d", device], result.returncode, result.stderr)
         if time.monotonic() >= deadline:
             raise PreconditionFailed(
-                f"{device} is still in use {timeout:g}s after detaching it "
-                f"(backing file {backing_file(device)})"
+                f"{device} is still in use {timeout:g}s after detaching it from {wanted}"
             )
         time.sleep(delay)
         delay = min(delay * 2, 0.2)

@@ -380,7 +380,7 @@ class NodeStager:
             devices.add(record.loop_device)
         for device in sorted(devices):
             try:
-                loop.detach(device, timeout=1 if lazy else 10)
+                loop.detach(device, record.fuse_file, timeout=1 if lazy else 10)
             except PreconditionFailed:
                 if not lazy:
                     raise
@@ -521,14 +521,14 @@ class NodeStager:
         try:
             mounts.bind_mount(device.path, target.path, read_only=True)
         except BaseException:
-            loop.detach(device.path, timeout=3)
+            loop.detach(device.path, device.backing_file, timeout=3)
             raise
 
     @staticmethod
     def _detach_target_loop(record: StageRecord, target: PublishTarget) -> None:
         device = target.loop_device
         if device and loop.backing_file(device) == str(record.fuse_file):
-            loop.detach(device)
+            loop.detach(device, record.fuse_file)
 
     def unpublish(self, volume_id: str, target_path: str | os.PathLike[str]) -> None:
         """Unmount and remove ``target_path``; success if it is not published."""
@@ -660,7 +660,7 @@ class NodeStager:
                 busy.append(f"{device} (mounted at {', '.join(source_of)})")
                 continue
             with contextlib.suppress(PreconditionFailed):
-                loop.detach(device, timeout=3)
+                loop.detach(device, image, timeout=3)
         if busy:
             return f"orphan FUSE mount point left alone: {'; '.join(busy)} in use"
         mounts.unmount(fuse_dir, timeout=2, lazy_fallback=True)

@@ -159,7 +159,7 @@ def force_clean(root: Path) -> None:
     for dev, file in loop.list_attached().items():
         if file.startswith(prefix + "/"):
             with contextlib.suppress(Exception):
-                loop.detach(dev, timeout=3)
+                loop.detach(dev, file, timeout=3)
     for pid in find_daemons(under=prefix):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

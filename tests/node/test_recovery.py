@@ -223,7 +223,7 @@ def test_recover_removes_orphan_daemons(node: Node) -> None:
     record = load_stash(staging)
     assert record is not None and record.loop_device is not None
     mounts.unmount(staging / "mount")
-    loop.detach(record.loop_device)
+    loop.detach(record.loop_device, record.fuse_file)
     node.stager.index.remove("v1")  # the index entry is lost: the daemon is an orphan
     report = node.new_stager().recover()
     assert report == ["v1: orphan FUSE mount point removed"], report

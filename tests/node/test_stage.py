@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from csi_rbd.node import (
     PreconditionFailed,
     StagingConflict,
     VolumeNotFound,
+    loop,
     mounts,
 )
 from csi_rbd.node.stash import STASH_NAME, load_stash
@@ -265,14 +267,26 @@ def test_block_failure_midway_leaves_nothing(node: Node) -> None:
     assert node.stager.index.entries() == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "open: twice in full runs (with other test runs creating loop devices on the same "
-        "machine) mkfs saw a zero-size loop device right after a verified attach; not yet "
-        "explained, see the closing note"
-    ),
-)
+def test_a_late_detach_never_takes_the_next_users_device(node: Node) -> None:
+    """The kernel frees a detached loop device at once and the next attach may
+    take the same one: a detach retried by name (a poll loop, a retried RPC)
+    must not take it from its new user (that race once left mkfs a zero-size
+    device when volumes were staged at the same time)."""
+    first, second = node.root / "first.raw", node.root / "second.raw"
+    for file in (first, second):
+        file.write_bytes(bytes(MiB))
+    device = loop.attach(first).path
+    loop.detach(device, first)
+    subprocess.run(["losetup", device, str(second)], check=True)  # the next user takes it
+    try:
+        loop.detach(device, first)  # late: the device now serves ``second``
+        assert loop.backing_file(device) == str(second)
+        assert loop.block_device_size(device) == MiB
+    finally:
+        loop.detach(device, second)
+    assert loop.backing_file(device) is None
+
+
 def test_volumes_stage_concurrently(node: Node) -> None:
     names = [f"c{i}" for i in range(4)]
     for name in names:
