@@ -16,7 +16,8 @@ One run, one set of data (an image of random bytes, 1 GiB; 256 MiB with
   visited once, scattered over the image; ``qemu-img bench`` has no random
   mode), writes with a flush every 4096 requests, as a guest would; plus
   ``fio --ioengine=nbd`` truly random, for the record. Runs alternate ours and
-  nbdkit (ABBA); a figure is the median over rounds.
+  nbdkit (ABBA); a figure is the median over rounds (full run: 5 for the
+  image copies, which take a second or two each, 3 for the random tests).
 * **FUSE/loop** - a block volume staged by :class:`NodeStager` (attach daemon
   with the same cache mode, loop device with direct I/O) beside a loop device
   on a plain file; ``fio`` libaio ``direct=1``: 4 KiB random at depth 16 and
@@ -71,13 +72,23 @@ class Config:
     bench_ops: int
     fio_ops: int
     fio_seq: int
+    seq_rounds: int  # image copies take a second or two: more rounds against the noise
     flush_interval: int = 4096
 
     @classmethod
     def make(cls, quick: bool) -> Config:
         if quick:
-            return cls(size=256 * MiB, rounds=1, bench_ops=20000, fio_ops=20000, fio_seq=128 * MiB)
-        return cls(size=GiB, rounds=3, bench_ops=100000, fio_ops=60000, fio_seq=512 * MiB)
+            return cls(
+                size=256 * MiB,
+                rounds=1,
+                bench_ops=20000,
+                fio_ops=20000,
+                fio_seq=128 * MiB,
+                seq_rounds=1,
+            )
+        return cls(
+            size=GiB, rounds=3, bench_ops=100000, fio_ops=60000, fio_seq=512 * MiB, seq_rounds=5
+        )
 
 
 @dataclass
@@ -245,13 +256,13 @@ class Bench:
             ours.stop()
 
     def _rounds(
-        self, measure: Callable[[Export], float], a: Export, b: Export
+        self, measure: Callable[[Export], float], a: Export, b: Export, rounds: int
     ) -> tuple[list[float], list[float], float]:
         """ABBA rounds; the values for a and b, and a's server CPU seconds per round."""
         first: list[float] = []
         second: list[float] = []
         cpu: list[float] = []
-        for i in range(self.config.rounds):
+        for i in range(rounds):
             order = (a, b) if i % 2 == 0 else (b, a)
             for export in order:
                 before = cpu_seconds(a.process.pid) if export is a else 0.0
@@ -271,7 +282,10 @@ class Bench:
             report.row(f"== NBD: {ours.name} vs {kit.name}, {size >> 20} MiB image")
             report.row(f"{'test':34} {'ours':>12} {'nbdkit':>12} {'ratio':>7} {'cpu/op':>9}")
             if self.config.rounds > 1:
-                report.row(f"{'':34} (min..max over {self.config.rounds} rounds below a figure)")
+                report.row(
+                    f"{'':34} (min..max below a figure: {self.config.seq_rounds} rounds "
+                    f"sequential, {self.config.rounds} random)"
+                )
             with open(self.source, "rb") as handle:  # warm the page cache
                 while handle.read(16 * MiB):
                     pass
@@ -303,7 +317,7 @@ class Bench:
                 ("seq write (convert in)", convert_in),
                 ("seq read (convert out)", convert_out),
             ):
-                mine, theirs, cpu = self._rounds(measure, ours, kit)
+                mine, theirs, cpu = self._rounds(measure, ours, kit, self.config.seq_rounds)
                 ratio = median(mine) / median(theirs)
                 chunks = size / (2 * MiB)
                 report.row(
@@ -325,7 +339,7 @@ class Bench:
                 def bench(export: Export, write: bool = kind == "write") -> float:
                     return qemu_bench(export.uri, ops, write, self.config.flush_interval)
 
-                mine, theirs, cpu = self._rounds(bench, ours, kit)
+                mine, theirs, cpu = self._rounds(bench, ours, kit, self.config.rounds)
                 results[kind] = median(mine)
                 report.row(
                     f"{'4k rand ' + kind + ' (qemu-img bench)':34} {median(mine):7.0f} IOPS "
@@ -348,7 +362,7 @@ class Bench:
                     }
                     return fio(job)["iops"]
 
-                mine, theirs, cpu = self._rounds(fio_nbd, ours, kit)
+                mine, theirs, cpu = self._rounds(fio_nbd, ours, kit, self.config.rounds)
                 report.row(
                     f"{'4k ' + kind + ' (fio nbd engine)':34} {median(mine):7.0f} IOPS "
                     f"{median(theirs):7.0f} IOPS {median(mine) / median(theirs):6.2f}x "
