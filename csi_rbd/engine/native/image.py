@@ -472,7 +472,8 @@ class Image:
 
         What a cache writing back scattered pages needs: one entry into the
         I/O barrier and one write call per object instead of one per page
-        (measured: 4096 pages over 256 objects write back in 40% less time).
+        (measured: the Python share of writing back 4096 pages over 256
+        objects drops by a third, 45 -> 31 ms).
         Every piece is checked before any is written; returns the bytes written.
         """
         self._require_writer()

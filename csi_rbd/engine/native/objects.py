@@ -367,7 +367,7 @@ class ObjectStore:
         fds = self._fds
         kept = None if fds is None else fds.get(_key(objno, epoch))
         if kept is not None:  # (``kept`` holds it open)
-            os.fdatasync(kept.fd)
+            os.fsync(kept.fd)
             return
         try:
             fd = os.open(self.path(objno, epoch), os.O_RDONLY | os.O_CLOEXEC)
