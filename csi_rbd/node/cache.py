@@ -20,7 +20,13 @@ The modes mean what librbd's settings mean:
   itself, so memory stays bounded (librbd blocks such a writer the same way);
   a single write larger than ``max_dirty``, or than 1 MiB (streaming, as
   ``qemu-img convert`` writes: copying it into pages would only delay it),
-  goes straight through. As with
+  goes straight through. A caller that can acknowledge such a write early
+  (``write(..., acknowledge=...)``, the NBD server) has it *written behind*:
+  acknowledged once it is ordered against every other access (its object
+  locks held, cached pages updated), then written to the engine while the
+  client sends the next one (``qemu-img convert`` waits for each write
+  before sending the next). A flush waits for writes behind; one that
+  failed is raised by the next flush. As with
   librbd's ``rbd_cache_writethrough_until_flush=true``, the cache behaves as
   writethrough until the first ``flush``: a client that never flushes never
   has acknowledged data only in memory.
@@ -67,7 +73,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from csi_rbd.engine import errors
@@ -204,6 +210,8 @@ class CachedImage:
         self._busy: set[int] = set()  # objects a flusher, a flush or a writer is writing back
         self._flushing = 0  # flushes writing back now
         self._failure: BaseException | None = None
+        self._behind = 0  # writes acknowledged and being written behind now
+        self._lost: BaseException | None = None  # a write behind failed: the next flush says
         # counters, for metrics
         self.flushes = 0
         self.hits = 0
@@ -325,10 +333,21 @@ class CachedImage:
         return fetched[offset - start : offset - start + length]
 
     # -- writes ------------------------------------------------------------------------
-    def write(self, data: Buffer, offset: int, fadvise_flags: int = 0, *, fua: bool = False) -> int:
+    def write(
+        self,
+        data: Buffer,
+        offset: int,
+        fadvise_flags: int = 0,
+        *,
+        fua: bool = False,
+        acknowledge: Callable[[], None] | None = None,
+    ) -> int:
         """Write bytes at ``offset``; writing past the end is refused whole (as the engine).
 
         ``fua``: the data is on disk when this returns (an NBD FUA write).
+        ``acknowledge``: may be called before this returns, once the write may be
+        acknowledged to the client (a streaming write in writeback mode, written
+        behind: see the design note); when it was, this raises no engine error.
         """
         self._require_open()
         view = memoryview(data).cast("B")
@@ -340,7 +359,8 @@ class CachedImage:
             with self._objects.hold(offset, length):
                 self.image.write(self._engine_data(data, view), offset)
         elif not self._writeback_active() or not self._fits_alone(offset, length):
-            self._write_through(self._engine_data(data, view), offset)
+            behind = None if fua or not self._writeback_active() else acknowledge
+            self._write_through(self._engine_data(data, view), offset, behind)
         else:
             self._claim_writer()
             self._write_to_cache(view, offset)
@@ -451,11 +471,17 @@ class CachedImage:
         self._busy |= objects
         return objects
 
-    def _write_through(self, data: bytes, offset: int) -> None:
-        """Write to the engine (bytes: librbd's binding takes nothing else), then the pages."""
+    def _write_through(
+        self, data: bytes, offset: int, acknowledge: Callable[[], None] | None = None
+    ) -> None:
+        """Write to the engine (bytes: librbd's binding takes nothing else), then the
+        pages; with ``acknowledge``, behind it."""
         length = len(data)
         held = self._objects.acquire(offset, length)
         try:
+            if acknowledge is not None:
+                self._write_behind(data, offset, acknowledge)
+                return
             try:
                 self.image.write(data, offset)
             except BaseException:
@@ -465,6 +491,29 @@ class CachedImage:
                 self._pages.apply(memoryview(data), offset, keep=length <= POPULATE_MAX)
         finally:
             self._objects.release(held)
+
+    def _write_behind(self, data: bytes, offset: int, acknowledge: Callable[[], None]) -> None:
+        """The object locks held: show the write in the cached pages, acknowledge it,
+        then write it to the engine. A reader that misses waits on the object locks;
+        a flush waits for ``_behind`` to drop."""
+        with self._lock:
+            self._pages.apply(memoryview(data), offset, keep=False)
+            self._behind += 1
+        try:
+            acknowledge()
+        finally:
+            try:
+                self.image.write(data, offset)
+            except Exception as exc:  # acknowledged already: the next flush reports it
+                self._invalidate(offset, offset + len(data))
+                log.warning("a write acknowledged at %d+%d failed: %s", offset, len(data), exc)
+                with self._lock:
+                    self._lost = self._lost or exc
+            finally:
+                with self._lock:
+                    self._behind -= 1
+                    if not self._behind:
+                        self._wake.notify_all()
 
     def _invalidate(self, start: int, end: int) -> None:
         """After a failed engine call: forget clean pages of [start, end), which may
@@ -506,8 +555,15 @@ class CachedImage:
         self._flush_seen = True
         if self.mode == "writeback":
             self._write_back_all()
+            with self._lock:
+                while self._behind:
+                    self._wake.wait()
         with self._flush_lock:
             self.image.flush()
+        with self._lock:
+            lost, self._lost = self._lost, None
+        if lost is not None:
+            raise errors.IOError(f"a write acknowledged before this flush failed: {lost}") from lost
         self.flushes += 1
 
     def _write_back_all(self) -> None:

@@ -389,3 +389,86 @@ def test_flush_covers_writes_completed_before_it(image: Image, ioctx: IoCtx) -> 
                 assert any(got == pattern(j, PAGE) for j in later), slot
         stop.set()
         thread.join()
+
+
+# -- writing behind (streaming writes acknowledged before the engine has them) -------------
+class GatedImage:
+    """An image whose writes wait for ``gate`` while it is closed."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self.gate = threading.Event()
+        self.writing = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.image, name)
+
+    def write(self, data: bytes, offset: int, fadvise_flags: int = 0) -> int:
+        self.writing.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        return self.image.write(data, offset)
+
+
+STREAM = 2 * MiB
+
+
+def test_streaming_write_is_acknowledged_before_the_engine_has_it(
+    image: Image, ioctx: IoCtx
+) -> None:
+    """Acknowledged once ordered: cached pages show it, a reader that misses and a
+    flush both wait for the engine write, and the flush then covers it."""
+    gated = GatedImage(image)
+    gated.gate.set()
+    cache = cached(gated, "writeback")  # type: ignore[arg-type]
+    assert cache.read(0, PAGE) == bytes(PAGE)  # page 0 cached (clean)
+    gated.gate.clear()
+    acknowledged = threading.Event()
+    writer = threading.Thread(
+        target=cache.write, args=(pattern(7, STREAM), 0), kwargs={"acknowledge": acknowledged.set}
+    )
+    writer.start()
+    assert acknowledged.wait(10) and gated.writing.wait(10)
+    assert on_disk(ioctx, 0, PAGE) == bytes(PAGE)  # not in the engine yet...
+    assert cache.read(0, PAGE) == pattern(7, STREAM)[:PAGE]  # ...but the cached page shows it
+    results: dict[str, Any] = {}
+    miss = threading.Thread(target=lambda: results.update(miss=cache.read(MiB, PAGE)))
+    flush = threading.Thread(target=lambda: results.update(flush=cache.flush()))
+    miss.start()
+    flush.start()
+    time.sleep(0.2)
+    assert miss.is_alive() and flush.is_alive()  # both wait for the write behind
+    gated.gate.set()
+    for thread in (writer, miss, flush):
+        thread.join(10)
+    assert results["miss"] == pattern(7, STREAM)[MiB : MiB + PAGE]
+    assert "flush" in results
+    assert on_disk(ioctx, 0, STREAM) == pattern(7, STREAM)
+    cache.close()
+
+
+def test_failed_write_behind_is_raised_by_the_next_flush(image: Image, ioctx: IoCtx) -> None:
+    failing = FailingImage(image)
+    cache = cached(failing, "writeback")  # type: ignore[arg-type]
+    failing.fail = True
+    acknowledged = threading.Event()
+    cache.write(pattern(8, STREAM), 0, acknowledge=acknowledged.set)  # no error: acknowledged
+    assert acknowledged.is_set()
+    failing.fail = False
+    with pytest.raises(errors.IOError, match="acknowledged before this flush failed"):
+        cache.flush()
+    cache.flush()  # said once
+    assert cache.read(0, PAGE) == bytes(PAGE)  # what the engine holds, not the lost write
+    cache.close()
+
+
+@pytest.mark.parametrize("case", ["before the first flush", "fua", "writethrough"])
+def test_no_write_behind_where_the_client_must_wait(image: Image, ioctx: IoCtx, case: str) -> None:
+    """Writethrough until the first flush, FUA and writethrough mode: in the engine
+    when the write returns, and never acknowledged early."""
+    mode = "writethrough" if case == "writethrough" else "writeback"
+    cache = cached(image, mode, flushed=case != "before the first flush")
+    early: list[bool] = []
+    cache.write(pattern(9, STREAM), 0, fua=case == "fua", acknowledge=lambda: early.append(True))
+    assert not early
+    assert on_disk(ioctx, 0, STREAM) == pattern(9, STREAM)
+    cache.close()

@@ -65,6 +65,7 @@ class CacheModel(RuleBasedStateMachine):
         self.cache: CachedImage = open_cached(self.image, self.mode, max_dirty_age=0.02, **LIMITS)
         self.model = bytearray(SIZE)
         self.seed = 0
+        self.flushed = False
 
     def teardown(self) -> None:
         try:
@@ -93,6 +94,21 @@ class CacheModel(RuleBasedStateMachine):
         if fua:
             assert self.engine()[offset : offset + length] == data
 
+    @rule(offset=offsets, pages=st.integers(7, 12))
+    def write_streaming(self, offset: int, pages: int) -> None:
+        """More than max_dirty: straight through, and with writeback (after a first
+        flush) written behind: acknowledged early, in the engine when it returns."""
+        length = min(pages * PAGE, SIZE - offset)
+        data = self._data(length)
+        acknowledged: list[bool] = []
+        self.cache.write(data, offset, acknowledge=lambda: acknowledged.append(True))
+        self.model[offset : offset + length] = data
+        if acknowledged:
+            assert self.mode == "writeback" and self.flushed
+            assert self.engine()[offset : offset + length] == data
+        elif length > LIMITS["max_dirty"] or self.mode != "writeback" or not self.flushed:
+            assert self.engine()[offset : offset + length] == data
+
     @rule(offset=aligned, pages=st.integers(1, 4))
     def write_pages(self, offset: int, pages: int) -> None:
         length = min(pages * PAGE, SIZE - offset)
@@ -114,6 +130,7 @@ class CacheModel(RuleBasedStateMachine):
     @rule()
     def flush(self) -> None:
         self.cache.flush()
+        self.flushed = True
         assert self.engine() == self.model, "after flush"
 
     @precondition(lambda self: self.mode != "none")

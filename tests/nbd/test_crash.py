@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from csi_rbd.engine.native import IoCtx
+from csi_rbd.engine.native import RBD, Image, IoCtx
 from csi_rbd.node.nbd import protocol as p
 from tests.nbd.client import Client
 from tests.nbd.conftest import CliServer, MiB, create, engine_read
@@ -110,3 +110,38 @@ def test_flushed_writes_survive_kill_9(cli_server: Start, ioctx: IoCtx, sock_dir
             lost += bool(allowed) and held not in allowed
     assert generation > 2000
     assert lost, "no unflushed write was lost: the cache did not hold any back"
+
+
+def test_streaming_writes_survive_kill_9_after_flush(
+    cli_server: Start, ioctx: IoCtx, sock_dir: Path
+) -> None:
+    """2 MiB writes (what ``qemu-img convert`` sends) are acknowledged before the
+    engine has them (written behind): a FLUSH sent after their replies covers them.
+    The image is a clone and each write the first to its object, so each copies
+    the object up (with an fsync) and is still being written when its reply has
+    gone."""
+    create(ioctx, "parent", SIZE, order=22)
+    with Image(ioctx, "parent") as parent:
+        parent.write(b"p" * SIZE, 0)
+        parent.create_snap("s")
+    RBD().clone(ioctx, "parent", "s", ioctx, "disk")
+    chunk = 2 * MiB
+    for round_ in range(3):
+        server = cli_server("rbd/disk", "--cache", "writeback", name=f"s{round_}")
+        client = Client(server.socket).handshake()
+        client.flush()  # writeback proper from now on
+        blocks = range(0, SIZE // chunk, 2)  # one per object: each write copies it up
+        for block in blocks:
+            data = struct.pack(">QQ", block, round_ + 1) * (chunk // 16)
+            client.send_request(p.CMD_WRITE, block * chunk, chunk, 0, data)
+        for _ in blocks:
+            assert client.recv_reply().error == 0
+        client.send_request(p.CMD_FLUSH)
+        assert client.recv_reply().error == 0
+        server.process.send_signal(signal.SIGKILL)  # right after the reply
+        assert server.process.wait(30) == -signal.SIGKILL
+        client.close()
+        disk = engine_read(ioctx, "disk", 0, SIZE)
+        for block in blocks:
+            expected = struct.pack(">QQ", block, round_ + 1) * (chunk // 16)
+            assert disk[block * chunk : (block + 1) * chunk] == expected, (round_, block)

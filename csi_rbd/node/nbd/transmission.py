@@ -264,7 +264,16 @@ class Connection:
             self._reply_read(request, data, send)
             return
         if kind == p.CMD_WRITE:
-            cache.write(request.payload, request.offset, fua=fua)
+            replied = False
+
+            def acknowledge() -> None:  # written behind (see the cache): reply now
+                nonlocal replied
+                replied = True
+                send(p.simple_reply(request.cookie))
+
+            cache.write(request.payload, request.offset, fua=fua, acknowledge=acknowledge)
+            if replied:
+                return
         elif kind == p.CMD_FLUSH:
             cache.flush()
         elif kind == p.CMD_TRIM:
