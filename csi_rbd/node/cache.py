@@ -199,7 +199,13 @@ class CachedImage:
         self._write_pieces = image.write_pieces if isinstance(image, NativeImage) else None
         self._objects = ObjectLocks(int(image.stat()["obj_size"]))
         self._lock = threading.Lock()  # the state lock: in-memory work only
-        self._wake = threading.Condition(self._lock)  # the flusher waits on it
+        # Writers over the limit and flushes wait on _wake (objects written back,
+        # writes behind done); the flushers on _flusher_wake (new dirty data, a
+        # closer deadline, the other flusher done), so that a flush writing back
+        # object after object does not wake them for nothing each time (measured:
+        # a flush of 4096 pages over 256 objects took twice as long).
+        self._wake = threading.Condition(self._lock)
+        self._flusher_wake = threading.Condition(self._lock)
         self._flush_lock = threading.Lock()
         self._writer_lock = threading.Lock()
         self._pages = PageStore(cache_size // PAGE, self._size)
@@ -234,6 +240,7 @@ class CachedImage:
             with self._lock:
                 self._closed = True
                 self._wake.notify_all()
+                self._flusher_wake.notify_all()
             for flusher in self._flushers:
                 flusher.join()
 
@@ -459,6 +466,7 @@ class CachedImage:
                 with self._lock:
                     self._busy -= objects
                     self._wake.notify_all()
+                    self._flusher_wake.notify_all()
 
     def _unclaimed(self, index: int) -> bool:
         """Whether no one is writing back the object of this page; state lock held."""
@@ -598,6 +606,7 @@ class CachedImage:
             with self._lock:
                 self._flushing -= 1
                 self._wake.notify_all()
+                self._flusher_wake.notify_all()  # due pages it waited for may be clean
 
     def flush_range(self, offset: int, length: int) -> None:
         """Make one range durable (an NBD FUA): write back its dirty pages, then flush."""
@@ -656,7 +665,7 @@ class CachedImage:
                 self._flushers.append(thread)
                 thread.start()
         else:
-            self._wake.notify_all()
+            self._flusher_wake.notify_all()
 
     def _flusher_loop(self) -> None:
         """Write back aged pages, and the oldest while over target. Flushers claim
@@ -671,8 +680,8 @@ class CachedImage:
                         self._busy |= objects
                         break
                     delay = self._next_due()
-                    # pages due but claimed by the other flusher: it wakes us when done
-                    self._wake.wait(None if delay == 0 else delay)
+                    # pages due but claimed by someone else: they wake us when done
+                    self._flusher_wake.wait(None if delay == 0 else delay)
             try:
                 self._write_back(victims)
                 self._failure = None
@@ -681,11 +690,12 @@ class CachedImage:
                     log.warning("cache write-back failed, will retry: %s", exc)
                 self._failure = exc
                 with self._lock:
-                    self._wake.wait(_RETRY_DELAY)
+                    self._flusher_wake.wait(_RETRY_DELAY)
             finally:
                 with self._lock:
                     self._busy -= objects
                     self._wake.notify_all()
+                    self._flusher_wake.notify_all()
 
     def _due(self) -> tuple[list[int], set[int]]:
         """Pages to write back now, and their objects (state lock held): aged ones,
