@@ -58,13 +58,16 @@ lock, reads whole pages from the engine, and merges under the state lock
 first (inside the object lock), then drop the pages inside the range and zero
 the edges, dirty data included, so a failed engine call loses nothing.
 
-Durability. ``flush()`` writes back every page dirty when it started, then
-calls the engine's ``flush()`` (serialised: the native engine lets a second
-concurrent flush return before the first one's fsyncs are done). What a
+Durability. ``flush()`` writes back every page dirty when it started, waits
+for the writes behind in flight, then calls the engine's ``flush()``
+(serialised: the native engine lets a second concurrent flush return before
+the first one's fsyncs are done). What a
 completed flush covered is on disk, so killing the process right after it
 loses nothing acknowledged by it; dirty data of later writes may be lost,
 but a page is written to the engine in one call, never torn by the cache.
-Write-back errors leave the data dirty and are raised by the next flush.
+Write-back errors leave the data dirty and are raised by the next flush; a
+write behind that failed has nothing left to keep, and the next flush raises
+that it was lost.
 """
 
 from __future__ import annotations
