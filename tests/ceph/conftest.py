@@ -50,10 +50,14 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephClust
 
 
 @pytest.fixture(scope="session")
-def ceph_engine(ceph_cluster: CephCluster) -> Any:
+def ceph_engine(ceph_cluster: CephCluster) -> Iterator[Any]:
     from csi_rbd.engine.ceph import CephEngine
 
-    return CephEngine("ceph-test", [f"v2:{ceph_cluster.monitor}"], default_pool="rbd")
+    engine = CephEngine("ceph-test", [f"v2:{ceph_cluster.monitor}"], default_pool="rbd")
+    try:
+        yield engine
+    finally:
+        engine.close()  # its pooled clients, while the cluster still runs
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +76,9 @@ def ceph_rados(ceph_engine: Any, csi_secrets: dict[str, str]) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def ceph_driver(ceph_cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def ceph_driver(
+    ceph_cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
     """(VolumeService, SnapshotService, engine) for one ``engine: ceph`` cluster, ``ceph-test``.
 
     Calls with secrets use them; the driver's own identity (for the calls the
@@ -99,7 +105,13 @@ def ceph_driver(ceph_cluster: CephCluster, tmp_path_factory: pytest.TempPathFact
     )
     engine = CephEngine.from_config(cluster)
     volumes = VolumeService(config, {cluster.id: engine}, OperationLocks())
-    return volumes, SnapshotService(volumes), engine
+    try:
+        yield volumes, SnapshotService(volumes), engine
+    finally:
+        # Pooled clients left to the interpreter's exit would shut down after the
+        # cluster has stopped: librbd 16.2 has aborted the process there
+        # (boost::bad_get, once, after every test had passed).
+        engine.close()
 
 
 @pytest.fixture

@@ -221,12 +221,15 @@ def test_own_identity_from_the_conf_file(
     assert no_conf.free_bytes("rbd") == 0  # unknown without an identity
     no_conf.probe()  # without an identity: the monitors accept connections
     engine = CephEngine("c", [], conf=ceph_cluster.client_conf("csi"))
-    with pytest.raises(errors.PermissionError):  # client.admin's key is not in that keyring
-        engine.session(None).__enter__()
-    monkeypatch.setenv("CEPH_ARGS", "--id csi")
-    with engine.session(None) as cluster:
-        assert "rbd" in cluster.list_pools()
-    engine.probe()
+    try:
+        with pytest.raises(errors.PermissionError):  # client.admin's key is not in that keyring
+            engine.session(None).__enter__()
+        monkeypatch.setenv("CEPH_ARGS", "--id csi")
+        with engine.session(None) as cluster:
+            assert "rbd" in cluster.list_pools()
+        engine.probe()
+    finally:
+        engine.close()  # the pooled client, while the cluster runs
 
 
 def test_wrong_credentials_and_dead_monitors_fail_fast(ceph_cluster: CephCluster) -> None:
@@ -375,13 +378,16 @@ def test_rados_namespace(ceph_cluster: CephCluster, m: Any, ioctx: Any) -> None:
     m.RBD().namespace_create(ioctx, namespace)
     engine = CephEngine("c", [f"v2:{ceph_cluster.monitor}"], namespace=namespace)
     name = unique("img")
-    with engine.session(ceph_cluster.csi_secrets) as cluster:
-        scoped = cluster.open_ioctx("rbd")
-        assert scoped.get_namespace() == namespace
-        engine.rbd.create(scoped, name, 4 * KiB, order=12)
-        scoped.omap_set("csi.volumes", {"k": b"v"})
-        assert list(engine.images(cluster, iter(["rbd"]))) == [("rbd", name)]
-        scoped.close()
+    try:
+        with engine.session(ceph_cluster.csi_secrets) as cluster:
+            scoped = cluster.open_ioctx("rbd")
+            assert scoped.get_namespace() == namespace
+            engine.rbd.create(scoped, name, 4 * KiB, order=12)
+            scoped.omap_set("csi.volumes", {"k": b"v"})
+            assert list(engine.images(cluster, iter(["rbd"]))) == [("rbd", name)]
+            scoped.close()
+    finally:
+        engine.close()
     assert name not in m.RBD().list(ioctx)
     assert "k" not in ioctx.omap_get("csi.volumes")
 
