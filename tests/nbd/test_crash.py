@@ -117,9 +117,9 @@ def test_streaming_writes_survive_kill_9_after_flush(
 ) -> None:
     """2 MiB writes (what ``qemu-img convert`` sends) are acknowledged before the
     engine has them (written behind): a FLUSH sent after their replies covers them.
-    The image is a clone and each write the first to its object, so each copies
-    the object up (with an fsync) and is still being written when its reply has
-    gone."""
+    The image is a clone and each write the first to its object, so in the first
+    round each copies its object up (with an fsync) and is still being written
+    when its reply has gone; the later rounds overwrite in place."""
     create(ioctx, "parent", SIZE, order=22)
     with Image(ioctx, "parent") as parent:
         parent.write(b"p" * SIZE, 0)
