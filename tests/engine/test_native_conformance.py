@@ -22,6 +22,7 @@ import pytest
 import csi_rbd.engine.native as native
 from csi_rbd.engine.native.image import Image as NativeImage
 from tests.engine.conformance import EngineConformance, EngineUnderTest, pattern
+from tests.threads import run_in_threads
 
 KiB = 1024
 
@@ -521,22 +522,13 @@ def test_flatten_while_writing(ioctx: Any) -> None:
 def test_concurrent_reads_and_writes_on_one_handle(ioctx: Any) -> None:
     blocks = 16
     native.RBD().create(ioctx, "a", blocks * 4096, order=12)
-    errors: list[BaseException] = []
     with native.Image(ioctx, "a") as image:
 
         def work(block: int) -> None:
-            try:
-                for round_ in range(1, 30):
-                    data = bytes([round_]) * 4096
-                    image.write(data, block * 4096)
-                    assert image.read(block * 4096, 4096) == data
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+            for round_ in range(1, 30):
+                data = bytes([round_]) * 4096
+                image.write(data, block * 4096)
+                assert image.read(block * 4096, 4096) == data
 
-        threads = [threading.Thread(target=work, args=(b,)) for b in range(blocks)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        assert not errors, errors
+        run_in_threads(work, range(blocks), timeout=30)
         assert image.read(0, blocks * 4096) == bytes([29]) * (blocks * 4096)

@@ -22,6 +22,7 @@ import pytest
 from csi_rbd.engine.native import RBD, Image, ImageBusy, ImageNotFound, Rados
 from csi_rbd.engine.native import header as header_module
 from tests.engine.test_multiprocess import Agent, new_agent, pat, payload, sha
+from tests.threads import run_in_threads
 
 ORDER = 12
 OBJ = 1 << ORDER
@@ -307,23 +308,14 @@ def test_io_descriptors_do_not_grow_with_threads(local: Any) -> None:
 
 def test_parallel_io_on_one_handle(local: Any) -> None:
     image = _writer(local, objects=16)
-    errors: list[BaseException] = []
 
     def work(slot: int) -> None:
-        try:
-            for n in range(50):
-                data = payload(slot * 1000 + n + 1, 512)
-                image.write(data, slot * OBJ + (n % 8) * 512)
-                assert image.read(slot * OBJ + (n % 8) * 512, 512) == data
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for n in range(50):
+            data = payload(slot * 1000 + n + 1, 512)
+            image.write(data, slot * OBJ + (n % 8) * 512)
+            assert image.read(slot * OBJ + (n % 8) * 512, 512) == data
 
-    threads = [threading.Thread(target=work, args=(slot,)) for slot in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    run_in_threads(work, range(8))
     image.close()
 
 
@@ -343,21 +335,12 @@ def test_first_writes_of_many_threads_at_once(data_dir: Path) -> None:
 
 def _race_first_writes(image: Image, tag: int) -> None:
     start = threading.Barrier(8)
-    errors: list[BaseException] = []
 
     def work(n: int) -> None:
-        try:
-            start.wait()
-            image.write(payload(tag + n + 1, 512), n * OBJ + 512)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        start.wait()
+        image.write(payload(tag + n + 1, 512), n * OBJ + 512)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not errors, errors
+    run_in_threads(work, range(8), timeout=30)
     for n in range(8):
         assert image.read(n * OBJ + 512, 512) == payload(tag + n + 1, 512)
     image.close()

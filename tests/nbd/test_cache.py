@@ -14,6 +14,7 @@ from csi_rbd.engine import errors
 from csi_rbd.engine.native import Image, IoCtx
 from csi_rbd.node.cache import MODES, PAGE, CachedImage, open_cached
 from tests.nbd.conftest import MiB, create, engine_read, pattern, wait_for
+from tests.threads import run_in_threads
 
 SIZE = 4 * MiB
 SMALL: dict[str, Any] = {"max_dirty": 64 << 10, "target_dirty": 32 << 10, "cache_size": 128 << 10}
@@ -309,34 +310,25 @@ def test_resize_shows_and_shrink_drops_pages(image: Image) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_concurrent_writers_and_readers(image: Image, mode: str) -> None:
     """Threads write their own regions (and read them back) while others flush."""
-    errors_seen: list[BaseException] = []
     with cached(image, mode, **SMALL) as cache:
 
         def worker(n: int) -> None:
             rng = random.Random(n)
             base = n * (SIZE // 8)
             mine = bytearray(SIZE // 8)
-            try:
-                for i in range(150):
-                    offset = rng.randrange(len(mine) - 9000)
-                    data = pattern(n * 1000 + i, rng.randrange(1, 9000))
-                    cache.write(data, base + offset)
-                    mine[offset : offset + len(data)] = data
-                    if i % 10 == 0:
-                        cache.flush()
-                    if i % 7 == 0:
-                        cache.discard(base + offset, 3000)
-                        mine[offset : offset + 3000] = bytes(3000)
-                    assert cache.read(base, len(mine)) == mine
-            except BaseException as exc:
-                errors_seen.append(exc)
+            for i in range(150):
+                offset = rng.randrange(len(mine) - 9000)
+                data = pattern(n * 1000 + i, rng.randrange(1, 9000))
+                cache.write(data, base + offset)
+                mine[offset : offset + len(data)] = data
+                if i % 10 == 0:
+                    cache.flush()
+                if i % 7 == 0:
+                    cache.discard(base + offset, 3000)
+                    mine[offset : offset + 3000] = bytes(3000)
+                assert cache.read(base, len(mine)) == mine
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert not errors_seen, errors_seen[0]
+        run_in_threads(worker, range(8))
 
 
 def test_overlapping_writers_leave_one_write_per_page(image: Image) -> None:
@@ -347,11 +339,7 @@ def test_overlapping_writers_leave_one_write_per_page(image: Image) -> None:
             for _ in range(40):
                 cache.write(bytes([n]) * (8 * PAGE), 0)
 
-        threads = [threading.Thread(target=worker, args=(n + 1,)) for n in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_in_threads(worker, range(1, 7))  # a failing writer fails the test
         data = cache.read(0, 8 * PAGE)
     for page in range(8):
         chunk = data[page * PAGE : (page + 1) * PAGE]

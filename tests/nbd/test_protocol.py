@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ from csi_rbd.engine.native import Image, IoCtx
 from csi_rbd.node.nbd import protocol as p
 from tests.nbd.client import Client, NbdError
 from tests.nbd.conftest import MiB, create, engine_read, pattern
+from tests.threads import run_in_threads
 
 SIZE = 8 * MiB
 Serve = Callable[..., Any]
@@ -298,27 +298,18 @@ def test_pipelined_requests_keep_order_for_overlaps(serve: Serve, disk: str) -> 
 
 @pytest.mark.parametrize("cache", ["none", "writeback"])
 def test_several_connections_at_once(serve: Serve, disk: str, ioctx: IoCtx, cache: str) -> None:
-    failures: list[BaseException] = []
     with serve(disk, cache=cache) as served:
 
         def worker(n: int) -> None:
-            try:
-                with served.connect() as client:
-                    base = n * MiB
-                    for i in range(16):  # 1 MiB each
-                        client.write(pattern(n * 100 + i, 65536), base + i * 65536)
-                    client.flush()
-                    for i in range(16):
-                        assert client.read(base + i * 65536, 65536) == pattern(n * 100 + i, 65536)
-            except BaseException as exc:
-                failures.append(exc)
+            with served.connect() as client:
+                base = n * MiB
+                for i in range(16):  # 1 MiB each
+                    client.write(pattern(n * 100 + i, 65536), base + i * 65536)
+                client.flush()
+                for i in range(16):
+                    assert client.read(base + i * 65536, 65536) == pattern(n * 100 + i, 65536)
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert not failures, failures[0]
+        run_in_threads(worker, range(6))
     for n in range(6):
         assert engine_read(ioctx, disk, n * MiB + 65536, 65536) == pattern(n * 100 + 1, 65536)
 

@@ -22,6 +22,7 @@ import pytest
 
 from csi_rbd.engine import errors as engine_errors
 from csi_rbd.node.cache import PAGE, CachedImage, open_cached
+from tests.threads import run_in_threads
 
 fuse_image = pytest.importorskip("csi_rbd.node.fuse_image", reason="libfuse3 is not installed")
 mfusepy = fuse_image.mfusepy
@@ -137,28 +138,19 @@ def test_overlapping_writers_through_the_file(mode: str) -> None:
     cache.flush()  # writeback proper starts after the first flush
     ops = fuse_image.ImageFile(cache)
     window = 48  # pages: three objects, heavy overlap
-    errors: list[BaseException] = []
 
     def writer(number: int) -> None:
         rng = random.Random(number)
-        try:
-            for seq in range(150):
-                first = rng.randrange(window - 2)
-                count = rng.randint(1, 3)
-                data = b"".join(stamp(number, seq, first + k) for k in range(count))
-                assert ops.write(None, data, first * PAGE, 0) == len(data)
-                if rng.random() < 0.3:
-                    got = ops.read(None, PAGE, rng.randrange(window) * PAGE, 0)
-                    assert len(got) == PAGE
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for seq in range(150):
+            first = rng.randrange(window - 2)
+            count = rng.randint(1, 3)
+            data = b"".join(stamp(number, seq, first + k) for k in range(count))
+            assert ops.write(None, data, first * PAGE, 0) == len(data)
+            if rng.random() < 0.3:
+                got = ops.read(None, PAGE, rng.randrange(window) * PAGE, 0)
+                assert len(got) == PAGE
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    run_in_threads(writer, range(8))
     shown = ops.read(None, window * PAGE, 0, 0)
     for page in range(window):
         assert wrote_whole(shown[page * PAGE : (page + 1) * PAGE], page), page
@@ -176,26 +168,17 @@ def test_readers_see_their_own_writes_under_write_back_pressure() -> None:
     cache = open_cached(engine, "writeback", **TIGHT)
     cache.flush()
     ops = fuse_image.ImageFile(cache)
-    errors: list[BaseException] = []
 
     def worker(number: int) -> None:
         rng = random.Random(100 + number)
         pages = list(range(number, SIZE // PAGE, 8))
-        try:
-            for seq in range(200):
-                page = rng.choice(pages)
-                data = stamp(number, seq, page)
-                ops.write(None, data, page * PAGE, 0)
-                assert ops.read(None, PAGE, page * PAGE, 0) == data
-        except BaseException as exc:
-            errors.append(exc)
+        for seq in range(200):
+            page = rng.choice(pages)
+            data = stamp(number, seq, page)
+            ops.write(None, data, page * PAGE, 0)
+            assert ops.read(None, PAGE, page * PAGE, 0) == data
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    run_in_threads(worker, range(8))
     assert cache.dirty_bytes <= TIGHT["max_dirty"]
     assert engine.overlaps == 0
     cache.close()
@@ -212,7 +195,7 @@ def test_writers_over_the_limit_write_back_distinct_pages() -> None:
     pages = iter(range(SIZE // PAGE))
     take = threading.Lock()
 
-    def writer() -> None:
+    def writer(_: int) -> None:
         while True:
             with take:
                 page = next(pages, None)
@@ -220,11 +203,7 @@ def test_writers_over_the_limit_write_back_distinct_pages() -> None:
                 return
             ops.write(None, stamp(0, 0, page), page * PAGE, 0)
 
-    threads = [threading.Thread(target=writer) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(writer, range(8))
     written_back = engine.engine_writes
     assert written_back == SIZE // PAGE - len(cache._pages.dirty)  # each page once
     ops.fsync(None, 0, 0)

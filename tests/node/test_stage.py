@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from csi_rbd.node import (
     mounts,
 )
 from csi_rbd.node.stash import STASH_NAME, load_stash
+from tests.threads import run_in_threads
 
 from .conftest import MiB, Node, direct_read, direct_write, pattern, write_file
 
@@ -291,22 +291,13 @@ def test_volumes_stage_concurrently(node: Node) -> None:
     names = [f"c{i}" for i in range(4)]
     for name in names:
         node.create(name, 64 * MiB)
-    failures: list[BaseException] = []
 
     def cycle(name: str) -> None:
-        try:
-            staging = node.stage_fs(name, name)
-            write_file(staging / "mount" / "x", name.encode())
-            node.stager.unstage(name, staging)
-        except BaseException as exc:
-            failures.append(exc)
+        staging = node.stage_fs(name, name)
+        write_file(staging / "mount" / "x", name.encode())
+        node.stager.unstage(name, staging)
 
-    threads = [threading.Thread(target=cycle, args=(name,)) for name in names]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not failures
+    run_in_threads(cycle, names, timeout=120)
     assert all(node.used(name) > 0 for name in names)
 
 
